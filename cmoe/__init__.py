@@ -1,0 +1,3 @@
+"""cmoe: continual mixture-of-experts for vision-language models (LLaVA-CMoE / CoPE)."""
+
+__version__ = "0.1.0"

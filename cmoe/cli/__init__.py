@@ -1,0 +1,19 @@
+"""The `cmoe` command line: thin Typer wrappers over the data, model, stages, registry and flows."""
+
+from cmoe.env import apply_defaults
+
+apply_defaults()
+
+import typer  # noqa: E402
+
+from cmoe.cli import base, data  # noqa: E402
+
+app = typer.Typer(
+    name="cmoe",
+    help="Continual mixture-of-experts for vision-language models: learn new tasks, forget none.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(data.app, name="data", help="Task bundles: synthesise, validate, inspect.")
+app.add_typer(base.app, name="base", help="The frozen vision-language base: build, inspect.")

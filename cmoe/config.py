@@ -1,0 +1,155 @@
+"""One typed configuration for the whole system, loaded from YAML and validated up front.
+
+Every field has a default: the defaults *are* the embedded tiny setup (local folders, SQLite,
+the locally built base). A wrong value fails at load time with the field's dotted name and the
+reason, before any model is built or any state is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(_Section):
+    """The frozen vision-language base. `path=None` builds and pretrains the tiny default locally."""
+
+    path: str | None = None  # local HF LLaVA checkpoint dir; None = the tiny base under home/base
+    seed: int = 0  # seeds base init, tokenizer training order and pretraining batches
+    image_size: int = 64  # px; 64 is the smallest at which shapes are reliably learned (measured)
+    patch_size: int = 16  # px; 16 gives 16 patches (+1 CLS) image tokens: 4x cheaper than 8 px
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate: int = 256  # dense MLP width; every upcycled expert has this width
+    vocab_size: int = 512  # byte-level BPE: 256 byte tokens + merges + specials
+    pretrain_epochs: int = 6
+    pretrain_lr: float = 2e-3
+    pretrain_batch_size: int = 32
+
+
+class MoEConfig(_Section):
+    """Where the dense MLPs become CMoE layers and how tokens are routed (MoE-LLaVA defaults)."""
+
+    layers: Literal["every_other", "all"] | list[int] = "every_other"
+    initial_experts: int = Field(4, ge=1)  # E0 copies of the dense MLP ("upcycling")
+    top_k: int = Field(2, ge=1)
+    aux_loss_coef: float = Field(0.01, ge=0.0)  # load-balancing loss weight
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_fits(cls, v: int, info) -> int:  # noqa: ANN001 - pydantic's ValidationInfo
+        e0 = info.data.get("initial_experts", 4)
+        if v > e0:
+            raise ValueError(f"top_k={v} exceeds initial_experts={e0}")
+        return v
+
+
+class ProbeConfig(_Section):
+    """PGKE: a short probe run that decides which layers need new experts."""
+
+    steps: int = Field(60, ge=1)  # optimizer steps of probe training
+    lr: float = 2e-3
+    batch_size: int = 32
+    holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split
+    tau: float | None = None  # fixed threshold; None = uniform share k / (E_l + 1)
+    tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
+    max_layers_per_task: int | None = None  # cap on expanded layers per task; None = no cap
+    double_expert_ratio: float = 2.0  # score >= ratio * tau adds 2 experts instead of 1
+
+
+class ExpandConfig(_Section):
+    """Training of the new experts and the task router (DeepSpeed)."""
+
+    epochs: int = Field(3, ge=1)
+    lr: float = 2e-3
+    batch_size: int = 32
+    deepspeed_config: str = "infra/deepspeed/zero0_cpu.json"
+    checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints
+    seed: int = 0
+
+
+class LocatorConfig(_Section):
+    """PTL: one small VAE per task over a frozen pre-MoE feature."""
+
+    latent_dim: int = 8
+    hidden: int = 64
+    epochs: int = 30
+    lr: float = 1e-3
+    beta: float = 0.01  # KL weight (after warm-up)
+    temperature: float = 1.0  # softmax(-z / T) over tasks
+
+
+class EvalConfig(_Section):
+    batch_size: int = 64
+    max_new_tokens: int = 8
+
+
+class GateConfig(_Section):
+    """Automatic gate policy; thresholds in accuracy points (0-100)."""
+
+    min_new_task_acc: float = 50.0
+    max_forgetting: float = 5.0  # per old task, vs the champion's recorded accuracy
+    max_avg_drop: float = 2.0
+    max_params_added: int | None = None
+    min_locator_acc: float = 90.0
+    require_review: bool = False
+    review_plan: bool = False  # pause after the probe to approve the expansion plan
+
+
+class RegistryConfig(_Section):
+    tracking_uri: str | None = None  # None = sqlite:///<home>/mlflow.db
+    model_name: str = "cmoe"
+    experiment: str = "cmoe"
+
+
+class CmoeConfig(_Section):
+    """Root of the configuration tree."""
+
+    home: Path = Path(".cmoe")  # all run-time state of the embedded default lives here
+    inbox: str | None = None  # local folder or s3://bucket/prefix/; None = <home>/inbox
+    base: BaseModelConfig = BaseModelConfig()
+    moe: MoEConfig = MoEConfig()
+    probe: ProbeConfig = ProbeConfig()
+    expand: ExpandConfig = ExpandConfig()
+    locator: LocatorConfig = LocatorConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the file and field."""
+
+
+def load_config(path: str | Path | None = None, **overrides: object) -> CmoeConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply top-level overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    data.update(overrides)
+    try:
+        return CmoeConfig.model_validate(data)
+    except ValidationError as e:
+        where = str(path) if path is not None else "config"
+        lines = [f"{where}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("\n".join(lines)) from None

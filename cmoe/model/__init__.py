@@ -1,0 +1,1 @@
+"""Model layer: tiny base, processor, CMoE layers, routers, probes, task locator, state format."""

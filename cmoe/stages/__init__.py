@@ -1,0 +1,1 @@
+"""Stages: plain functions (config + paths in, typed JSON-serialisable result + files out)."""
