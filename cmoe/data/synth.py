@@ -1,0 +1,261 @@
+"""The synthetic CoIN-like suite `coin-mini`: five small VQA tasks rendered with PIL, in order.
+
+Modelled on CoIN's task mix (classification, attribute naming, counting, OCR, grounding), sized so
+that one task trains in a few minutes on 2 CPU cores. Two design constraints shape it:
+
+* The task locator needs a signal, so tasks differ in image style and instruction wording.
+* Forgetting must be real, so `shape-name` and `color-name` ask different questions about the
+  *same kind* of image: naive sequential fine-tuning on one overwrites the other.
+
+It also writes `pretrain/`, a captioning corpus over every image style whose descriptions mention
+every attribute the tasks ask about (colour, shape, count, letter, region): the frozen base must
+already see and say all of them, or experts trained over it have nothing to build on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from cmoe.data.writer import Record, write_bundle
+
+SIZE = 64  # px; shapes are reliably learned at 64 px, not at 32 (measured, ARCHITECTURE.md)
+
+COLORS = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (45, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (135, 55, 185),
+    "orange": (245, 130, 25),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+LETTERS = tuple("ABDEHKMRTX")  # visually distinct capitals; a 64 px OCR task, not a font zoo
+COUNT_WORDS = ("one", "two", "three", "four")
+REGIONS = ("top left", "top right", "bottom left", "bottom right")
+CARD_COLORS = {"pink": (250, 200, 210), "mint": (200, 240, 215), "sky": (200, 225, 250), "sand": (245, 230, 190)}
+
+# ---------------------------------------------------------------------------------------------
+# Drawing primitives
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+    """Draw `shape` centred at (cx, cy) with half-size r."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        s = r * 0.85  # a square of the same half-size looks bigger than the circle; even them out
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    elif shape == "cross":
+        w = r * 0.38
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _jitter(rng: random.Random, rgb: tuple, amount: int = 18) -> tuple:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def _background(rng: random.Random, base: tuple) -> Image.Image:
+    return Image.new("RGB", (SIZE, SIZE), _jitter(rng, base, 8))
+
+
+@dataclass
+class Scene:
+    """What was drawn, so questions and captions are derived from one source of truth."""
+
+    style: str  # plain | multi | card | grid
+    image: Image.Image
+    shapes: list[tuple[str, str]]  # (color, shape) per drawn object
+    letter: str | None = None
+    card: str | None = None
+    region: str | None = None
+
+
+def plain_scene(rng: random.Random) -> Scene:
+    """One mid-size shape on a near-white background."""
+    img = _background(rng, (248, 248, 248))
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    r = rng.uniform(10, 15)
+    cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
+    _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(rng, COLORS[color]))
+    return Scene("plain", img, [(color, shape)])
+
+
+def multi_scene(rng: random.Random) -> Scene:
+    """One to four small shapes on a beige background, placed in distinct cells of a 3x3 grid."""
+    img = _background(rng, (236, 228, 210))
+    n = rng.randint(1, len(COUNT_WORDS))
+    cells = rng.sample(range(9), n)
+    draw, shapes = ImageDraw.Draw(img), []
+    for cell in cells:
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        r = rng.uniform(6, 8)
+        cx = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
+        cy = (cell // 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
+        _draw_shape(draw, shape, cx, cy, r, _jitter(rng, COLORS[color]))
+        shapes.append((color, shape))
+    return Scene("multi", img, shapes)
+
+
+_FONT_CACHE: dict[int, ImageFont.FreeTypeFont] = {}
+
+
+def card_scene(rng: random.Random) -> Scene:
+    """A dark capital letter on a pastel card with a border: the OCR-like style."""
+    card = rng.choice(list(CARD_COLORS))
+    img = _background(rng, CARD_COLORS[card])
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((1, 1, SIZE - 2, SIZE - 2), outline=(90, 90, 90), width=2)
+    letter, size = rng.choice(LETTERS), rng.randint(34, 44)
+    font = _FONT_CACHE.setdefault(size, ImageFont.load_default(size=size))
+    pos = (SIZE / 2 + rng.uniform(-5, 5), SIZE / 2 + rng.uniform(-5, 5))
+    draw.text(pos, letter, font=font, fill=_jitter(rng, (25, 25, 25), 15), anchor="mm")
+    return Scene("card", img, [], letter=letter, card=card)
+
+
+def grid_scene(rng: random.Random) -> Scene:
+    """One small shape in one quadrant of a white field split by grey guide lines."""
+    img = _background(rng, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.line((SIZE / 2, 0, SIZE / 2, SIZE), fill=(150, 150, 150), width=1)
+    draw.line((0, SIZE / 2, SIZE, SIZE / 2), fill=(150, 150, 150), width=1)
+    q = rng.randrange(4)
+    color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+    r = rng.uniform(7, 10)
+    cx = (q % 2 + 0.5) * SIZE / 2 + rng.uniform(-4, 4)
+    cy = (q // 2 + 0.5) * SIZE / 2 + rng.uniform(-4, 4)
+    _draw_shape(draw, shape, cx, cy, r, _jitter(rng, COLORS[color]))
+    return Scene("grid", img, [(color, shape)], region=REGIONS[q])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks: a scene style + question wordings + the answer derived from the scene
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    description: str
+    metric: str
+    scene: Callable[[random.Random], Scene]
+    questions: tuple[str, ...]  # paraphrases; one is drawn per example
+    answer: Callable[[Scene], str]
+    extra_answers: Callable[[Scene], list[str]] = lambda s: []
+
+
+def _count_digits(s: Scene) -> list[str]:
+    n = len(s.shapes)
+    return [COUNT_WORDS[n - 1], str(n)]
+
+
+COIN_MINI: tuple[TaskDef, ...] = (
+    TaskDef(
+        "shape-name", "Classify the shape in the picture (ImageNet-like).", "exact_match", plain_scene,
+        ("What shape is shown in the picture?", "Which shape is this?", "Name the shape you see."),
+        lambda s: s.shapes[0][1],
+    ),
+    TaskDef(
+        "color-name", "Name the colour of the shape (same images as shape-name, another question).",
+        "exact_match", plain_scene,
+        ("What color is the shape?", "Which color does the object have?", "Tell me the color of the figure."),
+        lambda s: s.shapes[0][0],
+    ),
+    TaskDef(
+        "count-shapes", "Count the objects in a small scene (VQAv2/GQA-like counting).", "exact_match",
+        multi_scene,
+        ("How many shapes are there?", "Count the objects in the image.", "How many figures can you count?"),
+        lambda s: COUNT_WORDS[len(s.shapes) - 1], _count_digits,
+    ),
+    TaskDef(
+        "read-letter", "Read the capital letter printed on a card (OCR-VQA / TextVQA-like).", "exact_match",
+        card_scene,
+        ("Which letter is printed on the card?", "What letter is written here?", "Read the text on the card."),
+        lambda s: s.letter.lower(),
+    ),
+    TaskDef(
+        "locate-shape", "Say which quadrant holds the shape (coarse grounding).", "exact_match", grid_scene,
+        ("In which corner is the shape?", "Where is the object located?", "Which quadrant contains the figure?"),
+        lambda s: s.region,
+    ),
+)
+
+SUITES = {"coin-mini": COIN_MINI}
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining corpus: captions that name every attribute the tasks ask about
+
+CAPTION_PROMPTS = ("Describe the image.", "What does the picture show?", "Write a short caption.")
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def caption(s: Scene) -> str:
+    """A description mentioning every attribute a task could ask about this scene."""
+    if s.style == "card":
+        return f"the letter {s.letter.lower()} on {_a(s.card)} card."
+    if s.style == "grid":
+        color, shape = s.shapes[0]
+        return f"{_a(color)} {shape} in the {s.region}."
+    if s.style == "plain":
+        color, shape = s.shapes[0]
+        return f"{_a(color)} {shape}."
+    things = [f"{_a(c)} {sh}" for c, sh in s.shapes]
+    listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+    n = len(s.shapes)
+    return f"{COUNT_WORDS[n - 1]} {'shape' if n == 1 else 'shapes'}: {listed}."
+
+
+PRETRAIN_STYLES = (plain_scene, multi_scene, card_scene, grid_scene)
+
+
+def _task_records(task: TaskDef, rng: random.Random, n: int) -> list[Record]:
+    out = []
+    for _ in range(n):
+        s = task.scene(rng)
+        ans = task.answer(s)
+        extra = task.extra_answers(s)
+        out.append(Record(s.image, rng.choice(task.questions), ans, extra))
+    return out
+
+
+def _pretrain_records(rng: random.Random, n: int) -> list[Record]:
+    out = []
+    for i in range(n):
+        s = PRETRAIN_STYLES[i % len(PRETRAIN_STYLES)](rng)
+        out.append(Record(s.image, rng.choice(CAPTION_PROMPTS), caption(s)))
+    return out
+
+
+def synth_suite(
+    out: Path, suite: str = "coin-mini", seed: int = 0, n_train: int = 1200, n_test: int = 200,
+    n_pretrain: int = 6000,
+) -> list[Path]:
+    """Write the suite's task bundles (`NN-name/`, in order) and `pretrain/` under `out`."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, task in enumerate(SUITES[suite]):
+        # One independent stream per task and split: adding a task never changes another's data.
+        recs = {split: _task_records(task, random.Random(f"{seed}/{task.name}/{split}"), n)
+                for split, n in (("train", n_train), ("test", n_test))}
+        spec = {"name": task.name, "description": task.description, "format_version": 1, "metric": task.metric}
+        paths.append(write_bundle(out / f"{i + 1:02d}-{task.name}", spec, recs))
+    pre = {split: _pretrain_records(random.Random(f"{seed}/pretrain/{split}"), n)
+           for split, n in (("train", n_pretrain), ("test", max(200, n_pretrain // 20)))}
+    write_bundle(out / "pretrain", {"name": "pretrain-captions", "format_version": 1, "metric": "exact_match",
+                                    "description": "Captions naming colour, shape, count, letter and region."}, pre)
+    return paths
+

@@ -1,0 +1,136 @@
+"""The frozen vision-language base: build the tiny default from config, or load a local checkpoint.
+
+The tiny default is a real `LlavaForConditionalGeneration` (CLIP vision tower → projector → Llama
+text model), so every code path that handles it also handles real LLaVA checkpoints with Llama,
+Qwen2 or Mistral text models. Nothing is ever downloaded: a path that is not a local checkpoint
+fails at once with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from cmoe.config import BaseModelConfig
+from cmoe.model.processor import VLProcessor
+from cmoe.model.tokenizer import IMAGE
+
+SUPPORTED_TEXT_MODELS = ("llama", "qwen2", "mistral")
+
+
+class BaseModelError(ValueError):
+    """A base checkpoint that cannot be used; the message says which path and why."""
+
+
+def build_tiny_llava(cfg: BaseModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+    """A freshly initialised tiny LLaVA sized by `cfg`, seeded by `cfg.seed`."""
+    vision = CLIPVisionConfig(
+        hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size, patch_size=cfg.patch_size,
+    )
+    text = LlamaConfig(
+        hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
+        num_key_value_heads=cfg.text_heads, vocab_size=len(tokenizer),
+        max_position_embeddings=256, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+        # "full" keeps the CLS token: one extra image token, a global summary of the image.
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def tiny_image_processor(cfg: BaseModelConfig) -> CLIPImageProcessorPil:
+    """Resize to the tower's input size and normalise to [-1, 1]; no crop (images are square)."""
+    return CLIPImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size}, do_center_crop=False,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def check_local_checkpoint(path: str | Path) -> Path:
+    """Fail fast, with the reason, unless `path` is a local LLaVA-style checkpoint directory."""
+    p = Path(path)
+    if not p.exists():
+        raise BaseModelError(
+            f"{path}: no such local directory. cmoe never downloads models: download the checkpoint "
+            "yourself (e.g. `hf download ID --local-dir DIR`) and pass the directory.")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise BaseModelError(f"{p}: not a Hugging Face checkpoint (config.json missing)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") != "llava":
+        raise BaseModelError(f"{cfg_file}: model_type is {cfg.get('model_type')!r}; cmoe needs a LLaVA-style "
+                             "checkpoint (LlavaForConditionalGeneration)")
+    text_type = cfg.get("text_config", {}).get("model_type", "llama")
+    if text_type not in SUPPORTED_TEXT_MODELS:
+        raise BaseModelError(f"{cfg_file}: text model {text_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})")
+    if not any(p.glob("*.safetensors")):
+        raise BaseModelError(f"{p}: no *.safetensors weights (cmoe never unpickles .bin checkpoints)")
+    return p
+
+
+def load_base(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, VLProcessor]:
+    """Load a local LLaVA-style checkpoint and its processor, frozen and in eval mode."""
+    p = check_local_checkpoint(path)
+    model = LlavaForConditionalGeneration.from_pretrained(p, local_files_only=True, dtype=dtype, use_safetensors=True)
+    model.requires_grad_(False).eval()
+    return model, VLProcessor.from_pretrained(p, model.config)
+
+
+def save_base(model: LlavaForConditionalGeneration, processor: VLProcessor, out: Path) -> None:
+    """Save weights (safetensors), tokenizer and image processor as a standard HF checkpoint."""
+    model.save_pretrained(out, safe_serialization=True)
+    processor.tokenizer.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """sha256 over the checkpoint's safetensors files (names and bytes): the base's identity."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def describe(model: LlavaForConditionalGeneration) -> dict:
+    """Backbone types, parameter counts and layer counts, for `cmoe base info`."""
+    cfg = model.config
+    parts = {"vision_tower": model.model.vision_tower, "projector": model.model.multi_modal_projector,
+             "language_model": model.model.language_model, "lm_head": model.lm_head}
+    return {
+        "vision_type": cfg.vision_config.model_type,
+        "text_type": cfg.text_config.model_type,
+        "image_size": cfg.vision_config.image_size,
+        "patch_size": cfg.vision_config.patch_size,
+        "vision_layers": cfg.vision_config.num_hidden_layers,
+        "text_layers": cfg.text_config.num_hidden_layers,
+        "text_hidden": cfg.text_config.hidden_size,
+        "vocab_size": cfg.text_config.vocab_size,
+        "params": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
+        "params_total": sum(p.numel() for p in model.parameters()),
+    }
