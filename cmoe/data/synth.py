@@ -237,6 +237,32 @@ def _pretrain_records(rng: random.Random, n: int) -> list[Record]:
     return out
 
 
+def caption_attributes(text: str) -> list[str]:
+    """The attribute words (colour, shape, count, letter, region) a caption states, in order."""
+    words = text.lower().rstrip(".").replace(",", "").replace(":", "").split()
+    vocab = set(COLORS) | set(SHAPES) | set(COUNT_WORDS) | set(CARD_COLORS)
+    found, i = [], 0
+    while i < len(words):
+        pair = " ".join(words[i:i + 2])
+        if pair in REGIONS:
+            found.append(pair)
+            i += 2
+            continue
+        if words[i] in vocab or (i > 0 and words[i - 1] == "letter"):
+            found.append(words[i])
+        i += 1
+    return found
+
+
+def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 6000, n_test: int = 300) -> Path:
+    """Write the captioning corpus the tiny base is pretrained on (every style, every attribute)."""
+    pre = {split: _pretrain_records(random.Random(f"{seed}/pretrain/{split}"), n)
+           for split, n in (("train", n_train), ("test", n_test))}
+    spec = {"name": "pretrain-captions", "format_version": 1, "metric": "exact_match",
+            "description": "Captions naming colour, shape, count, letter and region of every image style."}
+    return write_bundle(Path(out), spec, pre)
+
+
 def synth_suite(
     out: Path, suite: str = "coin-mini", seed: int = 0, n_train: int = 1200, n_test: int = 200,
     n_pretrain: int = 6000,
@@ -253,9 +279,6 @@ def synth_suite(
                 for split, n in (("train", n_train), ("test", n_test))}
         spec = {"name": task.name, "description": task.description, "format_version": 1, "metric": task.metric}
         paths.append(write_bundle(out / f"{i + 1:02d}-{task.name}", spec, recs))
-    pre = {split: _pretrain_records(random.Random(f"{seed}/pretrain/{split}"), n)
-           for split, n in (("train", n_pretrain), ("test", max(200, n_pretrain // 20)))}
-    write_bundle(out / "pretrain", {"name": "pretrain-captions", "format_version": 1, "metric": "exact_match",
-                                    "description": "Captions naming colour, shape, count, letter and region."}, pre)
+    write_pretrain_corpus(out / "pretrain", seed, n_pretrain)
     return paths
 

@@ -1,0 +1,55 @@
+"""`cmoe base`: build the tiny default base, or inspect any local LLaVA-style checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True)
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")]
+
+
+@app.command()
+def build(
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/base).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: base.seed of the config).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Pretrain the tiny vision-language base on the synthetic captions (cached per recipe)."""
+    from cmoe.config import load_config
+    from cmoe.stages.pretrain import build_base
+
+    cfg = load_config(config)
+    if seed is not None:
+        cfg.base.seed = seed
+    result = build_base(cfg.base, out or cfg.home / "base", cache_dir=cfg.home / "cache")
+    h = result.heldout
+    console.print(f"base {'reused' if result.reused else 'built'} at [bold]{result.path}[/] "
+                  f"({result.params_total:,} params, weights sha256 {result.weights_sha256[:16]}…, {result.wall_s:.0f} s)")
+    console.print(f"held-out captions ({h['n']}): attribute recall {h['attribute_recall']:.1f} % "
+                  f"(chance {h['chance_attribute_recall']:.1f} %), exact caption {h['caption_exact']:.1f} % "
+                  f"(chance {h['chance_caption_exact']:.1f} %)")
+
+
+@app.command()
+def info(path: Annotated[Path, typer.Argument(help="A local LLaVA-style checkpoint folder.")]) -> None:
+    """Print backbone types, parameter counts and layers of a base checkpoint."""
+    from cmoe.model.base import BaseModelError, describe, load_base
+
+    try:
+        model, _ = load_base(path)
+    except BaseModelError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    d = describe(model)
+    table = Table(title=str(path), show_header=False)
+    for k, v in d.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    console.print(table)

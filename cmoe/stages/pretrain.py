@@ -1,0 +1,120 @@
+"""Build the tiny default base: train a tokenizer, pretrain a tiny LLaVA on captions, save it.
+
+The continual stages only ever train experts and routers over a *frozen* base, and an expert can
+only re-route what the base already computes: the base must see every attribute the tasks ask
+about and be able to say every answer word. So it is pretrained, all weights, on a captioning
+corpus whose descriptions name colour, shape, count, letter and region of every image style.
+Deterministic for a seed; cached by a recipe hash (config + corpus), so a second build is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cmoe.config import BaseModelConfig
+from cmoe.data.loading import load_split
+from cmoe.data.bundle import bundle_sha256
+from cmoe.data.synth import caption_attributes, write_pretrain_corpus
+from cmoe.model.base import build_tiny_llava, save_base, tiny_image_processor, weights_sha256
+from cmoe.model.inference import answer
+from cmoe.model.processor import PROMPT, VLProcessor
+from cmoe.model.tokenizer import train_tokenizer
+from cmoe.stages.trainer import TrainSpec, train
+
+CARD = "cmoe_base.json"  # written last into the base folder: its presence means "complete"
+
+
+@dataclass
+class BaseBuildResult:
+    """What `build_base` produced; JSON-serialisable."""
+
+    path: str
+    reused: bool
+    recipe_sha256: str
+    weights_sha256: str
+    params_total: int
+    heldout: dict  # caption exact match and attribute recall, with the chance baselines
+    train: dict | None  # TrainResult of the pretraining (None when reused)
+    wall_s: float
+
+
+def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Next-token loss on the supervised (answer) tokens only."""
+    return model(**batch).loss
+
+
+def _recipe(cfg: BaseModelConfig, corpus_sha: str) -> str:
+    fields = cfg.model_dump(exclude={"path"})
+    return hashlib.sha256(json.dumps({"base": fields, "corpus": corpus_sha}, sort_keys=True).encode()).hexdigest()
+
+
+def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cache_dir: Path | None = None) -> BaseBuildResult:
+    """Pretrain the tiny base into `out` (reused when `out` already holds the same recipe)."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        if corpus is None:
+            corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed)
+        recipe = _recipe(cfg, bundle_sha256(corpus))
+        card = out / CARD
+        if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
+            saved = json.loads(card.read_text())
+            return BaseBuildResult(**{**saved, "reused": True, "train": None, "wall_s": time.perf_counter() - t0})
+
+        train_rows = load_split(str(corpus), "train", cache_dir=cache_dir)
+        test_rows = load_split(str(corpus), "test", cache_dir=cache_dir)
+        texts = list(train_rows["question"]) + list(train_rows["answer"]) + [PROMPT]
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+        model = build_tiny_llava(cfg, tokenizer)
+        processor = VLProcessor(tokenizer, tiny_image_processor(cfg), model.config)
+        # Tokenise once; every epoch reuses the tensors (the trainer only permutes indices).
+        data = [processor.encode(r["image"], r["question"], r["answer"]) for r in train_rows]
+        spec = TrainSpec(epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
+                         seed=cfg.seed, desc="pretrain base")
+        model.train()
+        result = train(model, list(model.parameters()), data, processor.collate, lm_loss, spec)
+        model.requires_grad_(False).eval()
+        heldout = heldout_scores(model, processor, test_rows, train_rows["answer"])
+
+    # Write into a temp sibling, then rename: a crash never leaves a half-saved base behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    save_base(model, processor, staging)
+    saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
+             "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout}
+    (staging / CARD).write_text(json.dumps({**saved, "config": cfg.model_dump()}, indent=2))
+    if out.exists():  # an older recipe: replaced whole
+        shutil.rmtree(out)
+    staging.rename(out)
+    return BaseBuildResult(**saved, reused=False, train=asdict(result), wall_s=time.perf_counter() - t0)
+
+
+def heldout_scores(model, processor: VLProcessor, rows, train_answers) -> dict:
+    """Caption exact match and attribute recall on held-out images, vs a constant-caption baseline."""
+    preds = answer(model, processor, rows["image"], rows["question"], max_new_tokens=32)
+    refs = list(rows["answer"])
+    # Chance: always say the most frequent training caption (the best constant answer).
+    constant = Counter(train_answers).most_common(1)[0][0]
+
+    def recall(pred: str, ref: str) -> float:
+        want, got = caption_attributes(ref), caption_attributes(pred)
+        return sum(a == b for a, b in zip(want, got)) / max(1, len(want))
+
+    n = len(refs)
+    return {
+        "n": n,
+        "caption_exact": 100 * sum(p.strip() == r.strip() for p, r in zip(preds, refs)) / n,
+        "attribute_recall": 100 * sum(recall(p, r) for p, r in zip(preds, refs)) / n,
+        "chance_caption_exact": 100 * sum(constant == r for r in refs) / n,
+        "chance_attribute_recall": 100 * sum(recall(constant, r) for r in refs) / n,
+        "examples": [{"ref": r, "pred": p} for p, r in list(zip(preds, refs))[:5]],
+    }
