@@ -1,0 +1,67 @@
+"""`cmoe data`: check and describe task bundles (local folders or s3:// prefixes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cmoe.data.storage import StorageError
+from cmoe.data.validate import ValidationReport, validate as validate_uri
+
+app = typer.Typer(no_args_is_help=True)
+
+UriArg = Annotated[str, typer.Argument(help="Bundle folder or s3://bucket/prefix/.", show_default=False)]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="Cache for S3 downloads (default: $CMOE_CACHE_DIR or .cmoe/cache)."),
+]
+
+
+def _checked(uri: str, cache_dir: Path | None) -> ValidationReport:
+    """Validate `uri`; on problems print each as `path:line: message` and exit 1 (2 if storage fails)."""
+    try:
+        report = validate_uri(uri, cache_dir=cache_dir)
+    except StorageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    if not report.ok:
+        # Plain echo, not rich: paths with brackets must print verbatim, one problem per line.
+        for problem in report.problems:
+            typer.echo(str(problem))
+        typer.echo(f"invalid: {len(report.problems)} problem(s) in {uri}", err=True)
+        raise typer.Exit(1)
+    return report
+
+
+@app.command()
+def validate(uri: UriArg, cache_dir: CacheOpt = None) -> None:
+    """Check a bundle: print its name, rows per split and sha256, or every problem (exit 1)."""
+    report = _checked(uri, cache_dir)
+    typer.echo(f"name: {report.spec.name}")
+    for split, count in report.counts.items():
+        typer.echo(f"{split}: {count}")
+    typer.echo(f"sha256: {report.sha256}")
+
+
+@app.command()
+def info(uri: UriArg, cache_dir: CacheOpt = None) -> None:
+    """Describe a valid bundle: task spec, layout and rows of each split, files, size, sha256."""
+    report = _checked(uri, cache_dir)
+    spec, root = report.spec, report.root
+    files = [p for p in root.rglob("*") if p.is_file()]
+    typer.echo(f"name:           {spec.name}")
+    typer.echo(f"description:    {spec.description}")
+    typer.echo(f"metric:         {spec.metric}")
+    typer.echo(f"instruction:    {spec.instruction if spec.instruction is not None else '(none)'}")
+    typer.echo(f"format_version: {spec.format_version}")
+    for split, count in report.counts.items():
+        typer.echo(f"{split + ':':<16}{count} rows ({report.layouts[split]})")
+    typer.echo(f"files:          {len(files)} ({sum(p.stat().st_size for p in files)} bytes)")
+    typer.echo(f"sha256:         {report.sha256}")
+    if root != Path(uri):
+        typer.echo(f"local copy:     {root}")
+
+
+# More `cmoe data` commands (e.g. `synth`, the synthetic suite) go below: one @app.command() each.

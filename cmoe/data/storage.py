@@ -1,0 +1,229 @@
+"""Where bundles live: local folders and `s3://bucket/prefix/` (boto3), plus the download cache.
+
+An S3 bundle is only ever read after its `task.yaml` exists (it is written last), and it is read
+by downloading it into a folder named by its sha256: every later step (validation, loading with
+`datasets`) then runs on a local folder, and a bundle already downloaded is reused. One cache
+folder serves the whole data layer: bundles under `<cache_dir>/bundles/<sha256>/`, the `datasets`
+Arrow cache under `<cache_dir>/datasets/`.
+
+The S3 endpoint comes from `CMOE_S3_ENDPOINT_URL`, else boto3's own `AWS_ENDPOINT_URL_S3` /
+`AWS_ENDPOINT_URL`; credentials come from the standard AWS chain and are never printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from cmoe.data.bundle import TASK_FILE, BundleError, Problem, bundle_files, bundle_sha256
+
+S3_SCHEME = "s3://"
+_INDEX_DIR = ".s3-index"  # listing signature -> bundle sha256, so a cached bundle is not re-downloaded
+
+
+class StorageError(RuntimeError):
+    """The storage itself failed (no such bucket, no credentials, endpoint down), not the bundle."""
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """A complete bundle found in an inbox, with the time its task.yaml arrived."""
+
+    uri: str
+    name: str  # the bundle's folder name inside the inbox
+    arrived_at: datetime  # UTC; S3: LastModified of task.yaml, local: its mtime
+
+
+@dataclass(frozen=True)
+class S3Prefix:
+    """A bucket and a key prefix that is empty or ends with '/'."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Prefix:
+        """Split `s3://bucket/some/prefix` into bucket and 'some/prefix/'."""
+        bucket, _, prefix = uri.removeprefix(S3_SCHEME).partition("/")
+        if not bucket:
+            raise ValueError(f"not an S3 URI with a bucket: {uri!r}")
+        return cls(bucket, prefix.rstrip("/") + "/" if prefix.strip("/") else "")
+
+    @property
+    def uri(self) -> str:
+        """The canonical URI, with a trailing '/'."""
+        return f"{S3_SCHEME}{self.bucket}/{self.prefix}"
+
+
+def is_s3(uri: str | Path) -> bool:
+    """True for `s3://` URIs; everything else is a local path."""
+    return str(uri).startswith(S3_SCHEME)
+
+
+def s3_client():  # noqa: ANN201 - boto3 clients are generated classes without a stable type
+    """A boto3 S3 client; `CMOE_S3_ENDPOINT_URL` overrides the endpoint (e.g. a local moto server)."""
+    # endpoint_url=None lets boto3 apply AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself.
+    return boto3.client("s3", endpoint_url=os.environ.get("CMOE_S3_ENDPOINT_URL") or None)
+
+
+def default_cache_dir() -> Path:
+    """Where S3 bundles are downloaded when no cache_dir is given: $CMOE_CACHE_DIR or .cmoe/cache."""
+    return Path(os.environ.get("CMOE_CACHE_DIR", ".cmoe/cache"))
+
+
+@contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    # One place turns botocore's many error types into StorageError; their messages hold no secrets.
+    try:
+        yield
+    except (BotoCoreError, ClientError) as err:
+        raise StorageError(f"{uri}: {err}") from err
+
+
+def _incomplete(uri: str) -> BundleError:
+    return BundleError(uri, [Problem(TASK_FILE, "missing: the bundle is incomplete (task.yaml is written last)")])
+
+
+def read_bundle_file(uri: str | Path, rel: str) -> bytes | None:
+    """Bytes of one file of a bundle (e.g. task.yaml) without fetching the rest; None if absent."""
+    if not is_s3(uri):
+        path = Path(uri) / rel
+        return path.read_bytes() if path.is_file() and not path.is_symlink() else None
+    loc = S3Prefix.parse(str(uri))
+    client = s3_client()
+    with _s3_errors(loc.uri):
+        try:
+            return client.get_object(Bucket=loc.bucket, Key=loc.prefix + rel)["Body"].read()
+        except ClientError as err:
+            if err.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise
+
+
+def _list_objects(client, loc: S3Prefix) -> dict[str, dict]:  # noqa: ANN001
+    """{bundle-relative path: object summary} of every object under the prefix."""
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(loc.prefix) :]
+            if rel and not rel.endswith("/"):  # "folder/" keys are console-made markers, not files
+                objects[rel] = obj
+    return objects
+
+
+def _unsafe_key(rel: str) -> bool:
+    # A key like "train/../../x" would otherwise be downloaded outside the cache folder.
+    return "\\" in rel or rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/"))
+
+
+def fetch_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> Path:
+    """Local folder of a bundle: a local path as is; an S3 bundle downloaded to `<cache_dir>/bundles/<sha256>/`.
+
+    Raises BundleError when the S3 bundle has no task.yaml yet (nothing is downloaded) or has keys
+    that cannot be files, StorageError when S3 itself fails.
+    """
+    if not is_s3(uri):
+        return Path(uri)
+    loc = S3Prefix.parse(str(uri))
+    cache = (cache_dir or default_cache_dir()) / "bundles"
+    client = s3_client()
+    with _s3_errors(loc.uri):
+        objects = _list_objects(client, loc)
+        if TASK_FILE not in objects:
+            raise _incomplete(loc.uri)
+        if bad := sorted(rel for rel in objects if _unsafe_key(rel)):
+            raise BundleError(loc.uri, [Problem(rel, "S3 key is not a safe relative file path") for rel in bad])
+        # The listing (paths, sizes, ETags) identifies the content, so a hit skips the download.
+        signature = hashlib.sha256(
+            "".join(f"{rel}\t{o['Size']}\t{o['ETag']}\n" for rel, o in sorted(objects.items())).encode()
+        ).hexdigest()
+        index = cache / _INDEX_DIR / signature
+        if index.is_file() and (cached := cache / index.read_text().strip()).is_dir():
+            return cached
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+        try:
+            for rel, obj in objects.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(loc.bucket, obj["Key"], str(tmp / rel))
+            sha = bundle_sha256(tmp)
+            final = cache / sha
+            try:
+                os.rename(tmp, final)  # atomic: readers see a complete folder or none
+            except OSError:
+                if not final.is_dir():
+                    raise
+                # Same content was cached meanwhile (another URI or process): keep that copy.
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _write_atomic(index, sha)
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def list_bundles(inbox_uri: str | Path) -> list[BundleRef]:
+    """Complete bundles (task.yaml present) directly inside an inbox, oldest task.yaml first."""
+    refs = _list_s3_bundles(str(inbox_uri)) if is_s3(inbox_uri) else _list_local_bundles(Path(inbox_uri))
+    return sorted(refs, key=lambda r: (r.arrived_at, r.uri))
+
+
+def _list_local_bundles(inbox: Path) -> list[BundleRef]:
+    refs = []
+    for child in inbox.iterdir() if inbox.is_dir() else ():
+        # Dot-folders are writers' temporary folders; links are never followed.
+        if child.name.startswith(".") or child.is_symlink() or not child.is_dir():
+            continue
+        task = child / TASK_FILE
+        if task.is_file() and not task.is_symlink():
+            arrived = datetime.fromtimestamp(task.stat().st_mtime, UTC)
+            refs.append(BundleRef(str(child), child.name, arrived))
+    return refs
+
+
+def _list_s3_bundles(inbox_uri: str) -> list[BundleRef]:
+    loc = S3Prefix.parse(inbox_uri)
+    client = s3_client()
+    refs = []
+    with _s3_errors(loc.uri):
+        # One level down only ("Delimiter"), then one HEAD per candidate: cheaper than listing images.
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix, Delimiter="/")
+        for page in pages:
+            for common in page.get("CommonPrefixes", []):
+                try:
+                    head = client.head_object(Bucket=loc.bucket, Key=common["Prefix"] + TASK_FILE)
+                except ClientError as err:
+                    if err.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                        continue  # incomplete: task.yaml not written yet
+                    raise
+                name = posixpath.basename(common["Prefix"].rstrip("/"))
+                refs.append(BundleRef(f"{S3_SCHEME}{loc.bucket}/{common['Prefix']}", name, head["LastModified"]))
+    return refs
+
+
+def upload_bundle(local: Path, s3_uri: str) -> str:
+    """Copy a local bundle to S3, task.yaml last so readers never see a partial bundle; returns the URI."""
+    loc = S3Prefix.parse(s3_uri)
+    files = bundle_files(local)  # refuses symlinks and special files
+    ordered = [rel for rel in files if rel != TASK_FILE] + [rel for rel in files if rel == TASK_FILE]
+    client = s3_client()
+    with _s3_errors(loc.uri):
+        for rel in ordered:
+            client.upload_file(str(local / rel), loc.bucket, loc.prefix + rel)
+    return loc.uri

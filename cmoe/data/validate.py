@@ -1,0 +1,387 @@
+"""Validate a task bundle: report every problem as `path:line: message`, never modify the bundle.
+
+Everything is opened read-only and nothing is written; images are header-checked for size before
+they are decoded, so a decompression bomb is refused without being expanded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import stat
+import string
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image
+
+from cmoe.data import storage
+from cmoe.data.bundle import (
+    FORMAT_VERSION,
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    MAX_PIXELS,
+    METADATA_FILE,
+    METRICS,
+    NAME_PATTERN,
+    NAME_RE,
+    SPLITS,
+    TASK_FILE,
+    BundleError,
+    Problem,
+    TaskSpec,
+    bundle_sha256,
+    parquet_file,
+    scan_tree,
+)
+
+_TASK_REQUIRED = ("name", "description", "format_version", "metric")
+_TASK_FIELDS = (*_TASK_REQUIRED, "instruction")
+_ROW_TEXT_FIELDS = ("question", "answer", "answers", "id")  # shared by both layouts
+_ROW_REQUIRED = ("question", "answer")
+_PARQUET_BATCH = 256
+
+
+@dataclass
+class ValidationReport:
+    """What validation found: the spec, per-split layout and size, the hash, and every problem."""
+
+    uri: str
+    root: Path | None = None  # the local folder checked (for s3:// URIs: the cached download)
+    spec: TaskSpec | None = None
+    layouts: dict[str, str] = field(default_factory=dict)  # split -> "imagefolder" | "parquet"
+    counts: dict[str, int] = field(default_factory=dict)  # split -> rows
+    sha256: str | None = None  # only set when the bundle is valid
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
+    def raise_if_invalid(self) -> None:
+        """Raise BundleError carrying every problem, so callers never load a bad bundle."""
+        if self.problems:
+            raise BundleError(self.uri, self.problems)
+
+
+def validate(uri: str | Path, *, cache_dir: Path | None = None) -> ValidationReport:
+    """Validate a local folder or an `s3://` bundle (downloaded into `cache_dir` first)."""
+    try:
+        root = storage.fetch_bundle(str(uri), cache_dir=cache_dir)
+    except BundleError as err:  # e.g. an S3 bundle without task.yaml: nothing was downloaded
+        return ValidationReport(uri=str(uri), problems=err.problems)
+    return validate_bundle(root, uri=str(uri))
+
+
+def validate_bundle(root: Path, *, uri: str | None = None) -> ValidationReport:
+    """Validate a local bundle folder and return a report (it never raises for a bad bundle)."""
+    report = ValidationReport(uri=uri or str(root), root=root)
+    if not root.is_dir():
+        report.problems.append(Problem(".", f"bundle folder not found: {root}"))
+        return report
+    try:
+        _, others = scan_tree(root)
+    except OSError as err:
+        report.problems.append(Problem(".", f"cannot list the bundle ({err})"))
+        return report
+    report.problems += [_irregular_problem(root, rel) for rel in others]
+    report.spec = _check_task_file(root, report.problems)
+    for split in SPLITS:
+        _check_split(root, split, report)
+    if report.ok:
+        report.sha256 = bundle_sha256(root)
+    return report
+
+
+def parse_task_yaml(text: str) -> tuple[TaskSpec | None, list[Problem]]:
+    """Parse and check `task.yaml` text; problems carry the line of the offending key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        reason = getattr(err, "problem", None) or err
+        return None, [Problem(TASK_FILE, f"invalid YAML ({reason})", mark.line + 1 if mark else None)]
+    if not isinstance(data, dict):
+        return None, [Problem(TASK_FILE, "must be a mapping of fields (name, description, ...)")]
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    problems: list[Problem] = []
+
+    def bad(key: str, message: str) -> None:
+        problems.append(Problem(TASK_FILE, message, lines.get(key)))
+
+    for key in data:
+        if key not in _TASK_FIELDS:
+            bad(key, f"unknown field {key!r} (allowed: {', '.join(_TASK_FIELDS)})")
+    for key in _TASK_REQUIRED:
+        if key not in data:
+            problems.append(Problem(TASK_FILE, f"required field {key!r} is missing"))
+    name, description = data.get("name"), data.get("description")
+    version, metric = data.get("format_version"), data.get("metric")
+    instruction = data.get("instruction")
+    if "name" in data and not (isinstance(name, str) and NAME_RE.match(name)):
+        bad("name", f"name {name!r} must match {NAME_PATTERN} (lowercase letters, digits, dashes; at most 64)")
+    if "description" in data and not (isinstance(description, str) and description.strip()):
+        bad("description", "description must be a non-empty string")
+    # bool is an int subclass: `format_version: true` must not pass as 1.
+    if "format_version" in data and (type(version) is not int or version != FORMAT_VERSION):
+        bad("format_version", f"format_version {version!r} is not supported (this cmoe reads {FORMAT_VERSION})")
+    if "metric" in data and metric not in METRICS:
+        bad("metric", f"metric {metric!r} is unknown (one of: {', '.join(METRICS)})")
+    if instruction is not None and (message := _instruction_problem(instruction)):
+        bad("instruction", message)
+    if problems:
+        return None, problems
+    return TaskSpec(name, description, version, metric, instruction), []
+
+
+def _instruction_problem(instruction: Any) -> str | None:
+    # The template is filled with str.format(question=...): any other field would fail at train time.
+    if not isinstance(instruction, str):
+        return "instruction must be a string"
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(instruction) if f is not None}
+    except ValueError as err:
+        return f"instruction is not a valid template ({err})"
+    if fields != {"question"}:
+        return f"instruction must contain '{{question}}' and no other field (found {sorted(fields)})"
+    return None
+
+
+def _check_task_file(root: Path, problems: list[Problem]) -> TaskSpec | None:
+    path = root / TASK_FILE
+    if not path.exists() and not path.is_symlink():
+        problems.append(Problem(TASK_FILE, "missing: the bundle is incomplete (task.yaml is written last)"))
+        return None
+    if not _is_regular(path):
+        return None  # a link or special file, already reported by the tree scan
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(Problem(TASK_FILE, f"cannot read ({err})"))
+        return None
+    spec, found = parse_task_yaml(text)
+    problems += found
+    return spec
+
+
+def _irregular_problem(root: Path, rel: str) -> Problem:
+    path = root / rel
+    if not path.is_symlink():
+        return Problem(rel, "not a regular file (special files are not allowed)")
+    top = rel.split("/", 1)[0]
+    area, area_name = (root / top, "split folder") if top in SPLITS else (root, "bundle")
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(os.path.realpath(area)):
+        return Problem(rel, f"symlink whose target resolves outside the {area_name} ({target})")
+    return Problem(rel, "symlink: bundles hold regular files only (links are never followed)")
+
+
+def _is_regular(path: Path) -> bool:
+    # lstat: a symlink is not a regular file, whatever it points at.
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _is_real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _check_split(root: Path, split: str, report: ValidationReport) -> None:
+    folder, problems = root / split, report.problems
+    missing = Problem(split, f"split is missing (expected {split}/{METADATA_FILE} or {parquet_file(split)})")
+    if not _is_real_dir(folder):
+        if not folder.is_symlink():  # a linked split folder is already reported by the tree scan
+            problems.append(missing)
+        return
+    meta, parquet = folder / METADATA_FILE, root / parquet_file(split)
+    has_meta, has_parquet = _is_regular(meta), _is_regular(parquet)
+    if has_meta and has_parquet:
+        problems.append(Problem(split, f"holds both {METADATA_FILE} and {parquet.name}: use one layout"))
+        return
+    if has_meta:
+        report.layouts[split] = "imagefolder"
+        rows = _imagefolder_rows(root, split, problems)
+    elif has_parquet:
+        report.layouts[split] = "parquet"
+        rows = _parquet_rows(root, split, problems)
+    else:
+        problems.append(missing)
+        return
+    seen: dict[str, int] = {}  # id -> line of first use
+    count = 0
+    for count, (rel, line, record) in enumerate(rows, start=1):
+        if record is None:  # malformed line, already reported
+            continue
+        problems += [Problem(rel, m, line) for m in _text_field_problems(record)]
+        # Rows without an id get f"{split}-{index}" at load time, so defaults count as ids too.
+        row_id = record.get("id") if isinstance(record.get("id"), str) else f"{split}-{count - 1}"
+        if row_id in seen:
+            problems.append(Problem(rel, f"duplicate id {row_id!r} (first at {rel}:{seen[row_id]})", line))
+        seen.setdefault(row_id, line)
+    if count == 0:
+        problems.append(Problem(split, "split is empty"))
+    report.counts[split] = count
+
+
+def _text_field_problems(record: dict[str, Any]) -> Iterator[str]:
+    for key in _ROW_REQUIRED:
+        if key not in record:
+            yield f"field {key!r} is missing"
+    for key in ("question", "answer", "id"):
+        if key in record and not (isinstance(record[key], str) and record[key].strip()):
+            yield f"field {key!r} must be a non-empty string, got {_describe(record[key])}"
+    answers = record.get("answers")
+    if "answers" in record and not (
+        isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
+    ):
+        yield f"field 'answers' must be a non-empty list of non-empty strings, got {_describe(answers)}"
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _imagefolder_rows(root: Path, split: str, problems: list[Problem]) -> Iterator[tuple[str, int, dict | None]]:
+    """Yield (path, line, record) per line, record None when malformed; report lines and images."""
+    rel = f"{split}/{METADATA_FILE}"
+    folder = root / split
+    checked: set[str] = set()  # images shared by several rows are decoded once
+    allowed = ("file_name", *_ROW_TEXT_FIELDS)
+    with open(root / rel, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.append(Problem(rel, "not valid UTF-8", line))
+                yield rel, line, None
+                continue
+            except json.JSONDecodeError as err:
+                problems.append(Problem(rel, f"invalid JSON: {err.msg} (column {err.colno})", line))
+                yield rel, line, None
+                continue
+            if not isinstance(record, dict):
+                problems.append(Problem(rel, f"must be a JSON object, got {type(record).__name__}", line))
+                yield rel, line, None
+                continue
+            for key in record:
+                if key not in allowed:
+                    problems.append(Problem(rel, f"unknown field {key!r} (allowed: {', '.join(allowed)})", line))
+            if "file_name" not in record:
+                problems.append(Problem(rel, "field 'file_name' is missing", line))
+            elif message := _file_name_problem(folder, record["file_name"]):
+                problems.append(Problem(rel, message, line))
+            else:
+                image_rel = f"{split}/{posixpath.normpath(record['file_name'])}"
+                if image_rel not in checked:
+                    checked.add(image_rel)
+                    if message := _image_problem(root / image_rel):
+                        problems.append(Problem(image_rel, message))
+            yield rel, line, record
+
+
+def _file_name_problem(folder: Path, file_name: Any) -> str | None:
+    """Why `file_name` cannot be read safely from inside `folder`, or None when it can."""
+    if not isinstance(file_name, str) or not file_name:
+        return f"field 'file_name' must be a non-empty string, got {_describe(file_name)}"
+    if "\\" in file_name:
+        return f"file_name {file_name!r} must use '/' as separator"
+    if posixpath.isabs(file_name):
+        return f"file_name {file_name!r} is absolute: it must be relative to the split folder"
+    norm = posixpath.normpath(file_name)
+    if norm == ".." or norm.startswith("../"):
+        return f"file_name {file_name!r} escapes the split folder"
+    if posixpath.splitext(norm)[1].lower() not in IMAGE_EXTENSIONS:
+        return f"file_name {file_name!r} has no image extension ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    path = folder / norm
+    if not path.exists() and not path.is_symlink():
+        return f"image {file_name!r} not found"
+    if os.path.realpath(path) != os.path.join(os.path.realpath(folder), norm):
+        return f"file_name {file_name!r} goes through a symlink (links are never followed)"
+    if not _is_regular(path):
+        return f"file_name {file_name!r} is not a regular file"
+    return None
+
+
+def _image_problem(source: Path | bytes) -> str | None:
+    """Why an image cannot be used, or None: header size checked first, then a full decode."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (rather than raises) between MAX_IMAGE_PIXELS and twice that: treat both as bombs.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            fp = io.BytesIO(source) if isinstance(source, bytes) else source
+            with Image.open(fp, formats=IMAGE_FORMATS) as im:  # reads the header only
+                width, height = im.size
+                if width * height > MAX_PIXELS:
+                    return f"image is {width}x{height} px, over the {MAX_PIXELS} px limit (possible decompression bomb)"
+                im.load()  # full decode: catches truncated and corrupt pixel data
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return f"possible decompression bomb ({err})"
+    except Exception as err:  # noqa: BLE001 - PIL raises many exception types on corrupt input
+        return f"cannot decode image ({type(err).__name__}: {err})"
+    return None
+
+
+def _parquet_rows(root: Path, split: str, problems: list[Problem]) -> Iterator[tuple[str, int, dict | None]]:
+    """Yield (path, row, record) per Parquet row (1-based); report schema and image problems."""
+    rel = parquet_file(split)
+    try:
+        pf = pq.ParquetFile(root / rel)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... on bad files
+        problems.append(Problem(rel, f"cannot read Parquet ({err})"))
+        return
+    schema_problems = list(_parquet_schema_problems(pf.schema_arrow))
+    problems += [Problem(rel, m) for m in schema_problems]
+    if schema_problems:
+        return
+    row = 0
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
+        for record in batch.to_pylist():
+            row += 1
+            image = record.pop("image")
+            data = image.get("bytes") if isinstance(image, dict) else image
+            if data is None:
+                problems.append(Problem(rel, "image has no embedded bytes (paths are not allowed)", row))
+            elif message := _image_problem(data):
+                problems.append(Problem(rel, f"image: {message}", row))
+            # A null in an optional column means "absent"; a null in a required one is reported.
+            yield rel, row, {k: v for k, v in record.items() if v is not None or k in _ROW_REQUIRED}
+
+
+def _parquet_schema_problems(schema: pa.Schema) -> Iterator[str]:
+    def is_text(t: pa.DataType) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+    def is_bytes(t: pa.DataType) -> bool:
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    allowed = ("image", *_ROW_TEXT_FIELDS)
+    for name in schema.names:
+        if name not in allowed:
+            yield f"unknown column {name!r} (allowed: {', '.join(allowed)})"
+    for name in ("image", *_ROW_REQUIRED):
+        if name not in schema.names:
+            yield f"column {name!r} is missing"
+    for name in ("question", "answer", "id"):
+        if name in schema.names and not is_text(schema.field(name).type):
+            yield f"column {name!r} must be string, got {schema.field(name).type}"
+    if "answers" in schema.names:
+        t = schema.field("answers").type
+        if not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and is_text(t.value_type)):
+            yield f"column 'answers' must be list<string>, got {t}"
+    if "image" in schema.names:
+        t = schema.field("image").type
+        struct_ok = pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and is_bytes(t.field("bytes").type)
+        if not (struct_ok or is_bytes(t)):
+            yield f"column 'image' must be binary or struct<bytes: binary, path: string>, got {t}"
