@@ -1,0 +1,341 @@
+"""The one DeepSpeed trainer behind every training in cmoe (probe, expansion, locator, baselines).
+
+Same entry point in-process (world size 1, CPU or one GPU) and under `torchrun` / the `deepspeed`
+launcher (N processes; scripts started by the latter must accept `--local_rank`). With the same
+seed and global batch, N processes give the weights of 1 process, provided `loss_fn` returns the
+mean over its batch. `on_log` and the progress bar run on rank 0 only.
+
+Resume checkpoints are DeepSpeed's own, i.e. torch pickles: they live in `spec.checkpoint_dir`
+(visible to every rank) only to resume this run, are deleted when it finishes, and must never be
+published or loaded from anywhere else (the durable state is the caller's safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.torch_autocast import autocast_if_enabled
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
+_STEP_TAG = re.compile(r"^step(\d+)(_universal)?$")
+_KEEP_CHECKPOINTS = 2
+# Files DeepSpeed writes next to the step folders (markers and its conversion scripts).
+_DEEPSPEED_EXTRAS = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py")
+
+
+@dataclass
+class TrainSpec:
+    """What to train for and how; the DeepSpeed JSON holds only ZeRO stage, precision and the rest."""
+
+    epochs: int | None = None  # exactly one of epochs / steps
+    steps: int | None = None
+    batch_size: int = 32  # GLOBAL batch (= micro × world × grad-accum)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # linear warm-up then cosine decay to 0 (CoIN's schedule)
+    grad_clip: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    # A path, or a name in infra/deepspeed/ ("zero2_cpu.json", "zero2" = CPU or GPU variant by device);
+    # None = zero0 for this device (CPU fp32, or GPU bf16 when a GPU is present).
+    deepspeed_config: str | Path | None = None
+    checkpoint_dir: Path | None = None  # resume checkpoints (DeepSpeed's own, pickled → local and transient only)
+    checkpoint_every: int = 50
+    desc: str = "train"  # progress-bar label
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    """Summary of one `train` call; JSON-serialisable with `dataclasses.asdict`."""
+
+    steps: int  # optimizer steps of the whole run (resumed ones included)
+    samples: int  # steps × global batch
+    final_loss: float  # global-batch loss of the last step
+    mean_loss_last_10pct: float
+    wall_s: float  # this call, engine set-up included
+    samples_per_s: float  # samples trained by this call / its training-loop time
+    resumed_from_step: int | None
+    world_size: int
+    device: str
+
+
+def train(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    dataset: Sequence,
+    collate: Callable[[list], dict],
+    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    spec: TrainSpec,
+    on_log: Callable[[int, dict], None] | None = None,
+) -> TrainResult:
+    """Train exactly `params` of `model` with DeepSpeed; resumes if `spec.checkpoint_dir` holds a checkpoint."""
+    t_call = time.perf_counter()
+    _check_inputs(model, params, dataset, spec)
+    device_type = get_accelerator().device_name()  # "cuda" when a GPU is visible, else "cpu"
+    _init_distributed(device_type)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    config = _load_config(spec.deepspeed_config, device_type)
+    accum = int(config.get("gradient_accumulation_steps", 1))
+    if spec.batch_size % (world * accum):
+        raise ValueError(
+            f"batch_size {spec.batch_size} is not divisible by world size {world}"
+            f" × gradient_accumulation_steps {accum}"
+        )
+    micro = spec.batch_size // (world * accum)
+    # Only full global batches: the batch (and so the update) is then identical for any world size.
+    steps_per_epoch = len(dataset) // spec.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"dataset has {len(dataset)} items, fewer than one global batch of {spec.batch_size}")
+    total = spec.steps if spec.steps is not None else spec.epochs * steps_per_epoch
+    warmup = math.ceil(spec.warmup_ratio * total)
+    config.update(
+        train_batch_size=spec.batch_size,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accum,
+        gradient_clipping=spec.grad_clip,
+        # torch_adam: DeepSpeed's FusedAdam would JIT-compile a CUDA kernel; torch's AdamW runs everywhere.
+        optimizer={"type": "AdamW", "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "torch_adam": True}},
+    )
+    config.pop("scheduler", None)  # the schedule is ours (below), identical on every device
+
+    ckpt_dir = Path(spec.checkpoint_dir) if spec.checkpoint_dir is not None else None
+    resume_tag = _resume_tag(ckpt_dir, config, world, rank)
+
+    torch.manual_seed(spec.seed)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=config,
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, partial(_lr_factor, warmup=warmup, total=total)),
+    )
+    # A resume is only valid for the very same run: same data order, schedule and trainable tensors.
+    fingerprint = {
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "total_steps": total,
+        "dataset_len": len(dataset),
+        "zero_stage": config.get("zero_optimization", {}).get("stage", 0),
+        "params": sorted(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters() if p.requires_grad),
+    }
+    bar = None
+    try:
+        start, losses = 0, []
+        if resume_tag is not None:
+            # Frozen tensors were left out of the checkpoint, hence non-strict.
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag, load_module_strict=False)
+            if path is None:
+                raise RuntimeError(f"could not load checkpoint {ckpt_dir / resume_tag}")
+            if client.get("fingerprint") != fingerprint:
+                raise ValueError(f"{ckpt_dir} holds a checkpoint of a different run; delete it or use another dir")
+            start, losses = client["step"], list(client["losses"])
+        resumed_from = start if start else None
+
+        engine.train()
+        bar = tqdm(total=total, initial=start, desc=spec.desc, disable=rank != 0, dynamic_ncols=True)
+        t_loop = time.perf_counter()
+        order = None
+        for step in range(start, total):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if order is None or pos == 0:
+                order = _epoch_order(len(dataset), spec.seed, epoch)
+            # Rank r takes every world-th item of the global batch; the union over ranks is the global batch.
+            mine = order[pos * spec.batch_size : (pos + 1) * spec.batch_size][rank::world].tolist()
+            # RNG (e.g. dropout) as a function of (seed, step): a resumed run draws what an uninterrupted one would.
+            torch.manual_seed(spec.seed * 1_000_003 + step)
+            lr = engine.get_lr()[0]  # this step's rate (after the step the scheduler already points at the next)
+            loss_sum = torch.zeros((), device=engine.device)
+            for j in range(accum):
+                batch = collate([dataset[i] for i in mine[j * micro : (j + 1) * micro]])
+                batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                # bf16 autocast (GPU configs) also covers loss_fn code that calls engine.module directly.
+                with autocast_if_enabled(engine):
+                    loss = loss_fn(engine, batch)
+                engine.backward(loss)
+                engine.step()  # steps the optimizer + schedule only at the accumulation boundary
+                loss_sum += loss.detach().float()
+            # Report the global batch's loss: the same number on every rank and for any world size.
+            dist.all_reduce(loss_sum)
+            loss_value = loss_sum.item() / (accum * world)
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{spec.desc}: loss is {loss_value} at step {step + 1}")
+            losses.append(loss_value)
+            done = step + 1
+            samples_per_s = (done - start) * spec.batch_size / (time.perf_counter() - t_loop)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_per_s=f"{samples_per_s:.1f}", refresh=False)
+
+            # Checkpoint before logging so that a run stopped from on_log can resume from this step.
+            if ckpt_dir is not None and done % spec.checkpoint_every == 0 and done < total:
+                client = {"step": done, "epoch": done // steps_per_epoch, "losses": losses, "fingerprint": fingerprint}
+                engine.save_checkpoint(
+                    str(ckpt_dir), tag=f"step{done}", client_state=client, exclude_frozen_parameters=True
+                )
+                if rank == 0:
+                    _prune_checkpoints(ckpt_dir, keep=_KEEP_CHECKPOINTS)
+            if on_log is not None and rank == 0 and (done % spec.log_every == 0 or done == total):
+                on_log(done, {"loss": loss_value, "lr": lr, "samples_per_s": samples_per_s})
+        loop_s = time.perf_counter() - t_loop
+
+        if ckpt_dir is not None:
+            dist.barrier()  # every rank is past its last read of the checkpoint
+            if rank == 0:
+                _prune_checkpoints(ckpt_dir, keep=0)
+    finally:
+        if bar is not None:
+            bar.close()
+        _release(engine)
+
+    tail = losses[-max(1, math.ceil(0.1 * len(losses))) :]
+    return TrainResult(
+        steps=total,
+        samples=total * spec.batch_size,
+        final_loss=losses[-1],
+        mean_loss_last_10pct=sum(tail) / len(tail),
+        wall_s=time.perf_counter() - t_call,
+        samples_per_s=(total - start) * spec.batch_size / loop_s if loop_s > 0 else 0.0,
+        resumed_from_step=resumed_from,
+        world_size=world,
+        device=str(engine.device),
+    )
+
+
+def resolve_config(name: str | Path | None, device_type: str) -> Path:
+    """Path of a DeepSpeed JSON: an existing path, a file name in infra/deepspeed/, or "zeroN" for this device."""
+    suffix = "cpu" if device_type == "cpu" else "gpu_bf16"
+    if name is None:
+        name = "zero0"
+    candidates = [Path(name), CONFIG_DIR / str(name), CONFIG_DIR / f"{name}.json", CONFIG_DIR / f"{name}_{suffix}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.json")))
+    raise FileNotFoundError(f"unknown deepspeed_config {str(name)!r}: not a file, nor one of {CONFIG_DIR}: {known}")
+
+
+def _resume_tag(ckpt_dir: Path | None, config: dict[str, Any], world: int, rank: int) -> str | None:
+    """Tag of the checkpoint to resume from (None: start fresh); converts it if the world size changed."""
+    if ckpt_dir is None or not (ckpt_dir / "latest").is_file():
+        return None
+    tag = (ckpt_dir / "latest").read_text().strip()
+    saved_world = len(list((ckpt_dir / tag).glob("zero_pp_rank_*_optim_states.pt")))  # 0 under ZeRO-0
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if (saved_world > 0) != (stage > 0):
+        raise ValueError(f"{ckpt_dir / tag} was written with another ZeRO stage than {stage}; delete it or switch back")
+    if saved_world in (0, world):
+        return tag
+    # ZeRO-1/2 optimizer state is partitioned by world size; DeepSpeed reloads it on another world
+    # size only from a "universal" checkpoint, which its own converter writes.
+    universal = f"{tag}_universal"
+    if rank == 0 and not (ckpt_dir / universal).is_dir():
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        to_universal(argparse.Namespace(
+            input_folder=str(ckpt_dir / tag), output_folder=str(ckpt_dir / universal), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        ))
+    dist.barrier()
+    config["checkpoint"] = {"load_universal": True}
+    return universal
+
+
+def _load_config(name: str | Path | None, device_type: str) -> dict[str, Any]:
+    """The JSON as a dict, minus our comment keys (DeepSpeed ignores unknown top-level keys, but keep it clean)."""
+    config = json.loads(resolve_config(name, device_type).read_text())
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _check_inputs(model: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Sequence, spec: TrainSpec) -> None:
+    """Fail before any DeepSpeed set-up on inputs that cannot train."""
+    if (spec.epochs is None) == (spec.steps is None):
+        raise ValueError("TrainSpec needs exactly one of epochs / steps")
+    if (spec.epochs if spec.epochs is not None else spec.steps) <= 0:
+        raise ValueError("TrainSpec epochs / steps must be positive")
+    if spec.batch_size <= 0 or spec.checkpoint_every <= 0 or spec.log_every <= 0:
+        raise ValueError("TrainSpec batch_size, checkpoint_every and log_every must be positive")
+    if len(dataset) == 0:
+        raise ValueError(f"{spec.desc}: the dataset is empty")
+    if not params:
+        raise ValueError(f"{spec.desc}: no trainable parameters were given")
+    # `params` must be exactly the model's requires_grad tensors: anything else would either be
+    # silently left untrained or collect gradients while it should stay bit-identical.
+    given = {id(p) for p in params}
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    if len(given) != len(params):
+        raise ValueError("params lists a tensor twice")
+    if given - trainable.keys():
+        raise ValueError("params holds tensors that are not requires_grad parameters of the model")
+    if extra := [n for i, n in trainable.items() if i not in given]:
+        raise ValueError(f"model parameters with requires_grad=True missing from params: {extra[:5]}")
+
+
+def _init_distributed(device_type: str) -> None:
+    """Join the process group once per process; alone, become rank 0 of 1 (else DeepSpeed tries mpi4py)."""
+    if dist.is_initialized():
+        return
+    # The first engine JIT-builds a shared-memory comm op (~60 s on CPU); cache it across runs.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cmoe" / "torch_extensions"))
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    # DeepSpeed's CPU accelerator defaults to oneCCL, which is not installed; gloo is.
+    deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else None)
+
+
+def _free_port() -> int:
+    """A TCP port that is free right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """CoIN's schedule: linear warm-up to 1, then cosine to 0 at `total`; never 0 on a step that is taken."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Item order of one epoch: a pure function of (seed, epoch), so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (keep=0: all of them, the `latest` marker too)."""
+    tags = sorted((int(m[1]), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _STEP_TAG.match(p.name)))
+    for _, path in tags[: len(tags) - keep]:
+        shutil.rmtree(path)
+    if keep == 0:
+        for name in _DEEPSPEED_EXTRAS:
+            (ckpt_dir / name).unlink(missing_ok=True)
+        if not any(ckpt_dir.iterdir()):
+            ckpt_dir.rmdir()
+
+
+def _release(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Detach the engine from the model so the next `train` call can build a fresh one on it."""
+    engine.destroy()  # removes ZeRO's gradient hooks
+    # destroy() leaves the engine's forward hooks on the module; they would keep this engine (and its
+    # optimizer state) alive and run its bookkeeping on every later forward.
+    for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
+        if hook is not None:
+            hook.remove()
