@@ -64,4 +64,25 @@ def info(uri: UriArg, cache_dir: CacheOpt = None) -> None:
         typer.echo(f"local copy:     {root}")
 
 
-# More `cmoe data` commands (e.g. `synth`, the synthetic suite) go below: one @app.command() each.
+
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the bundles into (one per task, in order).")],
+    suite: Annotated[str, typer.Option(help="Which synthetic suite.")] = "coin-mini",
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    train: Annotated[int, typer.Option(help="Training examples per task.")] = 1200,
+    test: Annotated[int, typer.Option(help="Test examples per task.")] = 200,
+) -> None:
+    """Write the synthetic CoIN-like suite (task bundles in order + the base's pretraining corpus)."""
+    from cmoe.data.synth import synth_suite
+
+    try:
+        paths = synth_suite(out, suite=suite, seed=seed, n_train=train, n_test=test)
+    except (ValueError, FileExistsError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    for p in paths:
+        typer.echo(str(p))
+    typer.echo(f"{len(paths)} task bundles + pretraining corpus in {out}")

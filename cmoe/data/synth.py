@@ -191,7 +191,13 @@ COIN_MINI: tuple[TaskDef, ...] = (
 SUITES = {"coin-mini": COIN_MINI}
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining corpus: captions that name every attribute the tasks ask about
+# Pretraining corpus: captions and terse attribute notes, naming every attribute tasks ask about
+#
+# Two "views" per image, in a dialect of their own: a full caption ("Describe the image." ->
+# "a red circle.") and an attribute note ("Describe the color." -> "color: red."). The notes put
+# each attribute at the first answer position, so the base learns to *attend* to every attribute
+# on request; the tasks later ask in other words and expect other answer formats, which is what
+# experts over the frozen base must learn.
 
 CAPTION_PROMPTS = ("Describe the image.", "What does the picture show?", "Write a short caption.")
 
@@ -201,22 +207,39 @@ def _a(word: str) -> str:
 
 
 def caption(s: Scene) -> str:
-    """A description mentioning every attribute a task could ask about this scene."""
+    """A one-line description of the scene."""
     if s.style == "card":
         return f"the letter {s.letter.lower()} on {_a(s.card)} card."
-    if s.style == "grid":
-        color, shape = s.shapes[0]
-        return f"{_a(color)} {shape} in the {s.region}."
-    if s.style == "plain":
-        color, shape = s.shapes[0]
-        return f"{_a(color)} {shape}."
-    things = [f"{_a(c)} {sh}" for c, sh in s.shapes]
-    listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
-    n = len(s.shapes)
-    return f"{COUNT_WORDS[n - 1]} {'shape' if n == 1 else 'shapes'}: {listed}."
+    if s.style == "multi":
+        n = len(s.shapes)
+        return f"{COUNT_WORDS[n - 1]} {'shape' if n == 1 else 'shapes'}."
+    color, shape = s.shapes[0]
+    return f"{_a(color)} {shape} in the {s.region}." if s.style == "grid" else f"{_a(color)} {shape}."
+
+
+def attribute_notes(s: Scene) -> dict[str, str]:
+    """Attribute name -> value for every attribute this style of scene shows."""
+    if s.style == "card":
+        return {"letter": s.letter.lower(), "card": s.card}
+    if s.style == "multi":
+        return {"count": COUNT_WORDS[len(s.shapes) - 1]}
+    notes = {"color": s.shapes[0][0], "shape": s.shapes[0][1]}
+    return {**notes, "position": s.region} if s.style == "grid" else notes
 
 
 PRETRAIN_STYLES = (plain_scene, multi_scene, card_scene, grid_scene)
+
+
+def _pretrain_records(rng: random.Random, n: int) -> list[Record]:
+    out = []
+    for i in range(n):
+        s = PRETRAIN_STYLES[i % len(PRETRAIN_STYLES)](rng)
+        if rng.random() < 0.4:
+            out.append(Record(s.image, rng.choice(CAPTION_PROMPTS), caption(s)))
+        else:
+            attr, value = rng.choice(sorted(attribute_notes(s).items()))
+            out.append(Record(s.image, f"Describe the {attr}.", f"{attr}: {value}."))
+    return out
 
 
 def _task_records(task: TaskDef, rng: random.Random, n: int) -> list[Record]:
@@ -226,14 +249,6 @@ def _task_records(task: TaskDef, rng: random.Random, n: int) -> list[Record]:
         ans = task.answer(s)
         extra = task.extra_answers(s)
         out.append(Record(s.image, rng.choice(task.questions), ans, extra))
-    return out
-
-
-def _pretrain_records(rng: random.Random, n: int) -> list[Record]:
-    out = []
-    for i in range(n):
-        s = PRETRAIN_STYLES[i % len(PRETRAIN_STYLES)](rng)
-        out.append(Record(s.image, rng.choice(CAPTION_PROMPTS), caption(s)))
     return out
 
 
