@@ -109,9 +109,22 @@ class GateConfig(_Section):
 
 
 class RegistryConfig(_Section):
+    """MLflow: where runs, metrics, artifacts and model versions are recorded."""
+
     tracking_uri: str | None = None  # None = sqlite:///<home>/mlflow.db
-    model_name: str = "cmoe"
-    experiment: str = "cmoe"
+    artifact_location: str | None = None  # artifact root of a new experiment; None = <home>/mlartifacts
+    model_name: str = "cmoe"  # registered model holding one version per candidate
+    experiment: str = "cmoe"  # experiment holding one parent run per task arrival
+
+
+class FlowConfig(_Section):
+    """Prefect orchestration: retries on transient I/O, and how a flow waits for a reviewer."""
+
+    fetch_retries: int = Field(3, ge=0)  # extra tries of the bundle fetch on I/O errors (S3, network disks)
+    retry_delay_s: float = Field(10.0, ge=0.0)  # seconds between those tries
+    review_timeout_s: int = Field(7 * 24 * 3600, ge=1)  # an unanswered review fails the run (version stays pending)
+    review_poll_s: int = Field(10, ge=1)  # how often a paused run checks for the reviewer's answer
+    suspend_reviews: bool = False  # deployed runs only: suspend (frees the worker) instead of pausing
 
 
 class CmoeConfig(_Section):
@@ -127,6 +140,7 @@ class CmoeConfig(_Section):
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    flow: FlowConfig = FlowConfig()
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,341 @@
+"""The lineage's record in MLflow, and the only code that talks to MLflow.
+
+One parent run per task arrival holds the config as params and one nested run per stage holds
+that stage's metrics and reports. Every candidate becomes a version of the registered model
+(default `cmoe`): the full safetensors state directory plus a pyfunc wrapper built from code, so
+nothing is ever unpickled. Version tags carry the lineage (task, bundle sha256, parent version)
+and the decision (who, why, gate metrics); alias `champion` is the model in use and alias
+`candidate` the one awaiting a decision. Works on `sqlite:///` with local artifacts (the default)
+and on an MLflow server with S3 artifacts alike.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, is_dataclass
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+from cmoe.config import CmoeConfig
+
+Decision = Literal["approved", "rejected", "pending_review"]
+PlanReview = Literal["pending", "approved", "rejected"]
+CHAMPION, CANDIDATE = "champion", "candidate"
+STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
+_MODEL_CODE = Path(__file__).with_name("model_code.py")  # models-from-code: the wrapper is rebuilt, not unpickled
+_NONE = "none"  # tag value of "no parent version"
+_MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
+# Exactly what the wrapper imports; listing them skips MLflow's ~20 s requirement inference.
+_REQUIREMENTS = ("cmoe", "mlflow", "torch", "transformers", "safetensors", "pillow", "pandas")
+
+
+class RegistryError(RuntimeError):
+    """A registry request that cannot be honoured (unknown version, decision already taken, ...)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered candidate as recorded in its version tags."""
+
+    version: int
+    task: str
+    bundle_sha256: str
+    parent_version: int | None
+    decision: str  # approved / rejected / pending_review
+    decided_by: str
+    reason: str
+    acc: dict[str, float]  # per-task accuracy (locator routing, percent) of this candidate
+    gate: dict[str, float]  # the gate's metrics
+    run_id: str  # the task arrival's parent run
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The model in use: its version, a local copy of its state directory, its recorded accuracy."""
+
+    version: int
+    state_dir: Path
+    acc: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PendingPlan:
+    """A task arrival whose expansion plan awaits a reviewer (`review_plan: true`)."""
+
+    run_id: str
+    task: str
+    bundle_sha256: str
+    tags: dict[str, str]
+
+
+def tracking_uri(cfg: CmoeConfig) -> str:
+    """The configured tracking URI, or an absolute `sqlite:///<home>/mlflow.db`."""
+    return cfg.registry.tracking_uri or f"sqlite:///{(cfg.home / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config and reports as MLflow's flat keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _version_tags(mv: Any) -> dict[str, str]:
+    return dict(mv.tags or {})
+
+
+class Registry:
+    """MLflow tracking + model registry of one cmoe home (or of the configured server)."""
+
+    def __init__(self, cfg: CmoeConfig) -> None:
+        self.model_name = cfg.registry.model_name
+        self.tracking_uri = tracking_uri(cfg)
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self._experiment = cfg.registry.experiment
+        self._artifact_location = cfg.registry.artifact_location or (cfg.home / "mlartifacts").resolve().as_uri()
+        self._cache = cfg.home / "registry-cache"  # local copies of registered state directories
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @cached_property
+    def experiment_id(self) -> str:
+        """The experiment's id, created on first use with the configured artifact location."""
+        found = self.client.get_experiment_by_name(self._experiment)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(self._experiment, artifact_location=self._artifact_location)
+        except MlflowException:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(self._experiment).experiment_id
+
+    # ------------------------------------------------------------------ runs
+    def start_task_run(self, key: str, task: str, bundle_sha256: str, parent_version: int | None,
+                       config: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        """The parent run of one task arrival; a re-run of the same arrival (`key`) reuses it."""
+        found = self.client.search_runs([self.experiment_id], f"tags.`cmoe.key` = '{key}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_tags = {"cmoe.key": key, "task": task, "bundle_sha256": bundle_sha256,
+                        "parent_version": str(parent_version or _NONE), **(tags or {})}
+            run_id = self.client.create_run(self.experiment_id, tags=run_tags, run_name=task).info.run_id
+            params = [mlflow.entities.Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v))
+                      for k, v in flatten(config).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=params[i:i + 100])
+        return run_id
+
+    def log_stage(self, parent_run_id: str, stage: str, result: Any) -> str:
+        """A nested run for one stage: its numeric results as metrics, its reports and plots as artifacts."""
+        data = asdict(result) if is_dataclass(result) else dict(result)
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`cmoe.stage` = '{stage}'", max_results=1)
+        run_id = found[0].info.run_id if found else self.client.create_run(
+            self.experiment_id, run_name=stage,
+            tags={"mlflow.parentRunId": parent_run_id, "cmoe.stage": stage}).info.run_id
+        self._log_metrics(run_id, data)
+        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), f"{stage}.json")
+        for name, value in data.items():
+            if name.endswith(("_json", "_png")) and value and Path(value).is_file():
+                self.client.log_artifact(run_id, str(value))
+        self.client.set_terminated(run_id)
+        return run_id
+
+    def log_summary(self, run_id: str, metrics: dict[str, Any]) -> None:
+        """Headline metrics (per-task accuracy, Avg, BWT, ...) on the task arrival's parent run."""
+        self._log_metrics(run_id, metrics)
+
+    def _log_metrics(self, run_id: str, data: dict[str, Any]) -> None:
+        metrics = [mlflow.entities.Metric(k, float(v), mlflow.utils.time.get_current_time_millis(), 0)
+                   for k, v in flatten(data).items() if _number(v)]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+    def end_task_run(self, run_id: str, failed: bool = False) -> None:
+        """Close the parent run (FINISHED, or FAILED when the flow failed)."""
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+    # ------------------------------------------------------------------ plan reviews
+    def set_plan_review(self, run_id: str, state: PlanReview, by: str = "", reason: str = "") -> None:
+        """Record that a task arrival's expansion plan awaits review, or how it was decided."""
+        tags = {"plan_review": state, "plan_decided_by": by, "plan_reason": reason[:_MAX_TAG]}
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def pending_plans(self) -> list[PendingPlan]:
+        """Task arrivals paused on their expansion plan, oldest first."""
+        runs = self.client.search_runs([self.experiment_id], "tags.plan_review = 'pending'",
+                                       order_by=["attributes.start_time ASC"])
+        return [PendingPlan(r.info.run_id, r.data.tags.get("task", ""), r.data.tags.get("bundle_sha256", ""),
+                            dict(r.data.tags)) for r in runs]
+
+    # ------------------------------------------------------------------ versions
+    def register_candidate(self, run_id: str, state_dir: Path, *, key: str, task: str, bundle_sha256: str,
+                           parent_version: int | None, acc: dict[str, float], gate: dict[str, Any],
+                           tags: dict[str, str] | None = None) -> int:
+        """Log `state_dir` + the pyfunc wrapper as a new version pending a decision; alias `candidate`.
+
+        Idempotent per task arrival (`key`): a re-run returns the version registered before.
+        """
+        found = self.client.search_model_versions(f"name = '{self.model_name}' and tags.`cmoe.key` = '{key}'")
+        if found:
+            return int(found[0].version)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(_MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
+                pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in _REQUIREMENTS])
+        version_tags = {
+            "cmoe.key": key, "task": task, "bundle_sha256": bundle_sha256,
+            "parent_version": str(parent_version or _NONE), "decision": "pending_review", "decided_by": "",
+            "reason": "", "acc": json.dumps(acc),
+            **{f"gate.{k}": str(v) for k, v in flatten(gate).items()}, **(tags or {}),
+        }
+        mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
+        version = int(mv.version)  # str over REST, int over sqlite
+        self.client.set_registered_model_alias(self.model_name, CANDIDATE, str(version))
+        return version
+
+    def version(self, version: int) -> VersionInfo:
+        """Tags of one version, parsed; RegistryError when it does not exist."""
+        try:
+            mv = self.client.get_model_version(self.model_name, str(version))
+        except MlflowException:
+            raise RegistryError(f"model {self.model_name!r} has no version {version}") from None
+        return self._info(mv)
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version of the registered model, oldest first."""
+        try:
+            found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        except MlflowException:
+            return []
+        return sorted((self._info(mv) for mv in found), key=lambda v: v.version)
+
+    def aliases(self) -> dict[str, int]:
+        """{alias: version} of the registered model (empty before the first registration)."""
+        try:
+            model = self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            return {}
+        return {alias: int(v) for alias, v in (model.aliases or {}).items()}
+
+    @staticmethod
+    def _info(mv: Any) -> VersionInfo:
+        tags = _version_tags(mv)
+        parent = tags.get("parent_version", _NONE)
+        return VersionInfo(
+            version=int(mv.version), task=tags.get("task", ""), bundle_sha256=tags.get("bundle_sha256", ""),
+            parent_version=None if parent == _NONE else int(parent), decision=tags.get("decision", ""),
+            decided_by=tags.get("decided_by", ""), reason=tags.get("reason", ""),
+            acc=json.loads(tags.get("acc", "{}")),
+            gate={k.removeprefix("gate."): float(v) for k, v in tags.items()
+                  if k.startswith("gate.") and _is_float(v)},
+            run_id=mv.run_id or "", tags=tags,
+        )
+
+    def pending_reviews(self) -> list[VersionInfo]:
+        """Versions waiting for a reviewer's decision, oldest first."""
+        return [v for v in self.versions() if v.decision == "pending_review"]
+
+    def processed_bundle_hashes(self) -> set[str]:
+        """Bundles already handled: registered as a version (any decision), or their plan rejected."""
+        rejected = self.client.search_runs([self.experiment_id], "tags.plan_review = 'rejected'")
+        return {v.bundle_sha256 for v in self.versions()} | {r.data.tags["bundle_sha256"] for r in rejected}
+
+    def lineage(self, version: int) -> list[VersionInfo]:
+        """The versions `version` builds on, root first, ending with `version` itself."""
+        chain = [self.version(version)]
+        while chain[-1].parent_version is not None:
+            chain.append(self.version(chain[-1].parent_version))
+        return chain[::-1]
+
+    def check_decision(self, version: int, decision: Decision) -> VersionInfo:
+        """The version, if `decision` may be taken on it now; RegistryError saying why not otherwise."""
+        info = self.version(version)
+        if info.decision != "pending_review":
+            raise RegistryError(f"version {version} is already {info.decision} (by {info.decided_by}: {info.reason})")
+        champion = self.aliases().get(CHAMPION)
+        if decision == "approved" and info.parent_version != champion:
+            # Approving it would silently drop what the current champion learned after its parent.
+            raise RegistryError(f"version {version} builds on version {info.parent_version}, but the champion "
+                                f"is now {champion}: reject it and re-run its bundle")
+        return info
+
+    def decide_version(self, version: int, decision: Decision, by: str, reason: str) -> VersionInfo:
+        """Record a decision on a pending version; `approved` moves `champion` to it, `rejected` does not."""
+        info = self.check_decision(version, decision)
+        tags = {"decision": decision, "decided_by": by, "reason": reason[:_MAX_TAG]}
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
+            if info.run_id:
+                self.client.set_tag(info.run_id, key, value)
+        if decision == "approved":
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
+        if self.aliases().get(CANDIDATE) == version:
+            self.client.delete_registered_model_alias(self.model_name, CANDIDATE)
+        return self.version(version)
+
+    def rollback(self, version: int) -> int | None:
+        """Move `champion` back to an earlier approved version; returns the version it left."""
+        info = self.version(version)
+        if info.decision != "approved":
+            raise RegistryError(f"version {version} was never approved ({info.decision}): it cannot be champion")
+        previous = self.aliases().get(CHAMPION)
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
+        return previous
+
+    def champion(self) -> Champion | None:
+        """The champion's version, a local copy of its state directory and its accuracy; None before any."""
+        version = self.aliases().get(CHAMPION)
+        if version is None:
+            return None
+        return Champion(version, self.state_dir(version), self.version(version).acc)
+
+    def state_dir(self, version: int) -> Path:
+        """A local copy of a version's CMoE state directory (downloaded once per version)."""
+        model_dir = self._cache / f"v{version}"
+        if not (model_dir / "MLmodel").is_file():
+            self._cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=self._cache))
+            try:
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{self.model_name}/{version}", dst_path=str(tmp),
+                    tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                shutil.rmtree(model_dir, ignore_errors=True)
+                tmp.rename(model_dir)  # atomic: a half-downloaded copy is never used
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        artifacts = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
+        return model_dir / artifacts[STATE_ARTIFACT]["path"]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,48 @@
+"""The MLflow pyfunc face of a CMoE state: (image, question) rows in, answer + located task out.
+
+The wrapper holds no tensors: `load_context` only notes where the logged safetensors state
+directory lies, and prediction hands it to `cmoe.stages.predict.predict_rows`.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+from PIL import Image
+
+from cmoe.registry import STATE_ARTIFACT
+
+OUTPUT_COLUMNS = ["answer", "task", "confidence"]
+
+
+def to_image(value: Any) -> Image.Image:
+    """An RGB image from a file path, raw encoded bytes or a PIL image."""
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else Path(value)
+    with Image.open(source) as im:
+        return im.convert("RGB")
+
+
+class CmoePyfunc(mlflow.pyfunc.PythonModel):
+    """Answers a DataFrame with columns `image` (path or bytes) and `question`."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Remember the state directory MLflow materialised for this model."""
+        self.state_dir = Path(context.artifacts[STATE_ARTIFACT])
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """One row per input: the answer, the task the locator picked, and its confidence."""
+        from cmoe.stages.predict import predict_rows
+
+        missing = {"image", "question"} - set(model_input.columns)
+        if missing:
+            raise ValueError(f"input needs columns 'image' and 'question'; missing {sorted(missing)}")
+        images = [to_image(v) for v in model_input["image"]]
+        rows = predict_rows(self.state_dir, images, [str(q) for q in model_input["question"]])
+        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)

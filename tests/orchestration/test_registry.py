@@ -1,0 +1,100 @@
+"""The registry against a real MLflow (sqlite + local artifacts) with a small fake state directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+import torch
+
+from cmoe.config import CmoeConfig
+from cmoe.registry import CANDIDATE, CHAMPION, Registry, RegistryError
+
+
+def fake_state(root: Path, tasks: list[str]) -> Path:
+    """A folder shaped like a CMoE state: a manifest and one safetensors delta per task."""
+    root.mkdir(parents=True)
+    (root / "cmoe.json").write_text(json.dumps({"format_version": 1, "tasks": tasks}))
+    for task in tasks:
+        (root / "tasks" / task).mkdir(parents=True)
+        save_file({"w": torch.zeros(2, 2)}, root / "tasks" / task / "router.safetensors")
+    return root
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return Registry(CmoeConfig(home=tmp_path_factory.mktemp("home")))
+
+
+def register(reg: Registry, tmp: Path, task: str, parent: int | None, acc: dict[str, float]) -> int:
+    run = reg.start_task_run(f"key-{task}", task, f"sha-{task}", parent, {"gate": {"max_forgetting": 5.0}})
+    reg.log_stage(run, "evaluate", {"acc": acc, "bwt": -1.0, "note": "text is not a metric"})
+    return reg.register_candidate(run, fake_state(tmp / task, list(acc)), key=f"key-{task}", task=task,
+                                  bundle_sha256=f"sha-{task}", parent_version=parent, acc=acc,
+                                  gate={"avg_acc": 80.0}, tags={"prefect_flow_run_id": "x"})
+
+
+def test_lineage_decisions_and_rollback(registry: Registry, tmp_path: Path) -> None:
+    assert registry.champion() is None and registry.versions() == []
+    v1 = register(registry, tmp_path, "color", None, {"color": 90.0})
+    assert v1 == 1 and registry.aliases() == {CANDIDATE: 1}
+    assert [p.version for p in registry.pending_reviews()] == [1]
+    # Same arrival registered again (a resumed run): the same version, no duplicate.
+    assert register(registry, tmp_path / "again", "color", None, {"color": 90.0}) == 1
+
+    registry.decide_version(v1, "approved", "ann", "looks good")
+    champ = registry.champion()
+    assert champ is not None and champ.version == 1 and champ.acc == {"color": 90.0}
+    assert json.loads((champ.state_dir / "cmoe.json").read_text())["tasks"] == ["color"]
+    assert registry.aliases() == {CHAMPION: 1}
+    with pytest.raises(RegistryError, match="already approved"):
+        registry.decide_version(v1, "rejected", "bob", "changed my mind")
+
+    v2 = register(registry, tmp_path, "shape", v1, {"color": 70.0, "shape": 80.0})
+    v3 = register(registry, tmp_path, "count", v1, {"color": 88.0, "count": 60.0})
+    registry.decide_version(v2, "rejected", "bob", "forgets color")
+    assert registry.champion().version == 1  # reject leaves the champion alone
+    registry.decide_version(v3, "approved", "ann", "ok")
+    info = registry.version(v2)
+    assert (info.decision, info.decided_by, info.reason, info.parent_version) == ("rejected", "bob", "forgets color", 1)
+    assert info.gate == {"avg_acc": 80.0} and info.tags["prefect_flow_run_id"] == "x"
+    assert [v.version for v in registry.lineage(v3)] == [1, 3]
+    assert registry.processed_bundle_hashes() == {"sha-color", "sha-shape", "sha-count"}
+    assert registry.pending_reviews() == []
+
+    v4 = register(registry, tmp_path, "letter", v1, {"color": 88.0, "letter": 50.0})
+    with pytest.raises(RegistryError, match="champion is now 3"):
+        registry.decide_version(v4, "approved", "ann", "stale parent")
+    with pytest.raises(RegistryError, match="never approved"):
+        registry.rollback(v2)
+    assert registry.rollback(v1) == 3 and registry.champion().version == 1
+
+
+def test_champion_pyfunc_answers_rows(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`models:/cmoe@champion` loads without unpickling anything and answers image + question rows."""
+    import mlflow.pyfunc
+
+    seen = {}
+
+    def predict_rows(state_dir: Path, images: list, questions: list[str]) -> list[dict]:
+        seen["state"] = json.loads((Path(state_dir) / "cmoe.json").read_text())
+        return [{"answer": "red" if im.getpixel((0, 0)) == (255, 0, 0) else "?", "task": "color", "confidence": 0.9}
+                for im in images]
+
+    monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
+    if registry.champion() is None:
+        registry.decide_version(register(registry, tmp_path, "color", None, {"color": 90.0}), "approved", "a", "b")
+    png = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}@champion")
+    out = model.predict(pd.DataFrame({"image": [str(png), png.read_bytes()], "question": ["what color?"] * 2}))
+    assert list(out.columns) == ["answer", "task", "confidence"]
+    assert list(out["answer"]) == ["red", "red"] and seen["state"]["format_version"] == 1
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}@champion"))
+    assert not list(model_dir.rglob("*.pkl"))  # models-from-code: nothing to unpickle
