@@ -49,12 +49,14 @@ class VersionInfo:
 
     version: int
     task: str
+    bundle_uri: str  # where the bundle was read from (its test split is re-evaluated by later tasks)
     bundle_sha256: str
     parent_version: int | None
     decision: str  # approved / rejected / pending_review
     decided_by: str
     reason: str
     acc: dict[str, float]  # per-task accuracy (locator routing, percent) of this candidate
+    metrics: dict[str, float]  # headline metrics: avg_acc, bwt, locator_acc, params_added, ...
     gate: dict[str, float]  # the gate's metrics
     run_id: str  # the task arrival's parent run
     tags: dict[str, str]
@@ -180,7 +182,10 @@ class Registry:
     # ------------------------------------------------------------------ plan reviews
     def set_plan_review(self, run_id: str, state: PlanReview, by: str = "", reason: str = "") -> None:
         """Record that a task arrival's expansion plan awaits review, or how it was decided."""
-        tags = {"plan_review": state, "plan_decided_by": by, "plan_reason": reason[:_MAX_TAG]}
+        self.tag_run(run_id, {"plan_review": state, "plan_decided_by": by, "plan_reason": reason[:_MAX_TAG]})
+
+    def tag_run(self, run_id: str, tags: dict[str, str]) -> None:
+        """Add or overwrite tags of a run."""
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
@@ -192,9 +197,9 @@ class Registry:
                             dict(r.data.tags)) for r in runs]
 
     # ------------------------------------------------------------------ versions
-    def register_candidate(self, run_id: str, state_dir: Path, *, key: str, task: str, bundle_sha256: str,
-                           parent_version: int | None, acc: dict[str, float], gate: dict[str, Any],
-                           tags: dict[str, str] | None = None) -> int:
+    def register_candidate(self, run_id: str, state_dir: Path, *, key: str, task: str, bundle_uri: str,
+                           bundle_sha256: str, parent_version: int | None, acc: dict[str, float],
+                           metrics: dict[str, Any], gate: dict[str, Any], tags: dict[str, str] | None = None) -> int:
         """Log `state_dir` + the pyfunc wrapper as a new version pending a decision; alias `candidate`.
 
         Idempotent per task arrival (`key`): a re-run returns the version registered before.
@@ -209,15 +214,21 @@ class Registry:
                 name="model", python_model=str(_MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
                 pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in _REQUIREMENTS])
         version_tags = {
-            "cmoe.key": key, "task": task, "bundle_sha256": bundle_sha256,
+            "cmoe.key": key, "task": task, "bundle_uri": bundle_uri, "bundle_sha256": bundle_sha256,
             "parent_version": str(parent_version or _NONE), "decision": "pending_review", "decided_by": "",
             "reason": "", "acc": json.dumps(acc),
+            **{f"metric.{k}": str(v) for k, v in flatten(metrics).items() if _number(v)},
             **{f"gate.{k}": str(v) for k, v in flatten(gate).items()}, **(tags or {}),
         }
         mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         version = int(mv.version)  # str over REST, int over sqlite
         self.client.set_registered_model_alias(self.model_name, CANDIDATE, str(version))
         return version
+
+    def tag_version(self, version: int, tags: dict[str, str]) -> None:
+        """Add or overwrite tags of a version (e.g. the flow run now waiting for its review)."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.model_name, str(version), key, value)
 
     def version(self, version: int) -> VersionInfo:
         """Tags of one version, parsed; RegistryError when it does not exist."""
@@ -248,12 +259,12 @@ class Registry:
         tags = _version_tags(mv)
         parent = tags.get("parent_version", _NONE)
         return VersionInfo(
-            version=int(mv.version), task=tags.get("task", ""), bundle_sha256=tags.get("bundle_sha256", ""),
+            version=int(mv.version), task=tags.get("task", ""), bundle_uri=tags.get("bundle_uri", ""),
+            bundle_sha256=tags.get("bundle_sha256", ""),
             parent_version=None if parent == _NONE else int(parent), decision=tags.get("decision", ""),
             decided_by=tags.get("decided_by", ""), reason=tags.get("reason", ""),
             acc=json.loads(tags.get("acc", "{}")),
-            gate={k.removeprefix("gate."): float(v) for k, v in tags.items()
-                  if k.startswith("gate.") and _is_float(v)},
+            metrics=_numbers(tags, "metric."), gate=_numbers(tags, "gate."),
             run_id=mv.run_id or "", tags=tags,
         )
 
@@ -308,6 +319,15 @@ class Registry:
         self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
         return previous
 
+    def predict(self, model_uri: str, images: list[Any], questions: list[str]) -> list[dict[str, Any]]:
+        """Answers of a registered model (e.g. `models:/cmoe@champion`) through its pyfunc wrapper."""
+        import pandas as pd
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        model = mlflow.pyfunc.load_model(model_uri)
+        return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
+
     def champion(self) -> Champion | None:
         """The champion's version, a local copy of its state directory and its accuracy; None before any."""
         version = self.aliases().get(CHAMPION)
@@ -333,9 +353,13 @@ class Registry:
         return model_dir / artifacts[STATE_ARTIFACT]["path"]
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _numbers(tags: dict[str, str], prefix: str) -> dict[str, float]:
+    """{name: value} of the numeric tags named `<prefix><name>`."""
+    found = {}
+    for key, value in tags.items():
+        if key.startswith(prefix):
+            try:
+                found[key.removeprefix(prefix)] = float(value)
+            except ValueError:
+                continue  # a non-numeric gate detail stays readable in `tags`
+    return found

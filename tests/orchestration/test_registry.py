@@ -35,9 +35,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
 def register(reg: Registry, tmp: Path, task: str, parent: int | None, acc: dict[str, float]) -> int:
     run = reg.start_task_run(f"key-{task}", task, f"sha-{task}", parent, {"gate": {"max_forgetting": 5.0}})
     reg.log_stage(run, "evaluate", {"acc": acc, "bwt": -1.0, "note": "text is not a metric"})
-    return reg.register_candidate(run, fake_state(tmp / task, list(acc)), key=f"key-{task}", task=task,
-                                  bundle_sha256=f"sha-{task}", parent_version=parent, acc=acc,
-                                  gate={"avg_acc": 80.0}, tags={"prefect_flow_run_id": "x"})
+    return reg.register_candidate(
+        run, fake_state(tmp / task, list(acc)), key=f"key-{task}", task=task, bundle_uri=f"/inbox/{task}",
+        bundle_sha256=f"sha-{task}", parent_version=parent, acc=acc,
+        metrics={"bwt": -1.0, "forgetting": {"color": 2.0}}, gate={"avg_acc": 80.0}, tags={"prefect_flow_run_id": "x"})
 
 
 def test_lineage_decisions_and_rollback(registry: Registry, tmp_path: Path) -> None:
@@ -63,7 +64,8 @@ def test_lineage_decisions_and_rollback(registry: Registry, tmp_path: Path) -> N
     registry.decide_version(v3, "approved", "ann", "ok")
     info = registry.version(v2)
     assert (info.decision, info.decided_by, info.reason, info.parent_version) == ("rejected", "bob", "forgets color", 1)
-    assert info.gate == {"avg_acc": 80.0} and info.tags["prefect_flow_run_id"] == "x"
+    assert info.gate == {"avg_acc": 80.0} and info.metrics == {"bwt": -1.0, "forgetting.color": 2.0}
+    assert info.tags["prefect_flow_run_id"] == "x"
     assert [v.version for v in registry.lineage(v3)] == [1, 3]
     assert registry.processed_bundle_hashes() == {"sha-color", "sha-shape", "sha-count"}
     assert registry.pending_reviews() == []
@@ -96,5 +98,7 @@ def test_champion_pyfunc_answers_rows(registry: Registry, tmp_path: Path, monkey
     out = model.predict(pd.DataFrame({"image": [str(png), png.read_bytes()], "question": ["what color?"] * 2}))
     assert list(out.columns) == ["answer", "task", "confidence"]
     assert list(out["answer"]) == ["red", "red"] and seen["state"]["format_version"] == 1
+    assert registry.predict("models:/cmoe@champion", [str(png)], ["what color?"]) == [
+        {"answer": "red", "task": "color", "confidence": 0.9}]
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}@champion"))
     assert not list(model_dir.rglob("*.pkl"))  # models-from-code: nothing to unpickle
