@@ -1,0 +1,498 @@
+"""The CMoE layer: a growable pool of FFN experts with one top-k router per task (LLaVA-CMoE / CoPE).
+
+Design decisions (METHOD_NOTES "choices" in brackets):
+
+- **Experts are copies of the dense MLP module itself** (`copy.deepcopy` of e.g. `LlamaMLP`), held
+  in an `nn.ModuleList`. That makes the layer backbone-agnostic (Llama, Qwen2, Mistral: anything
+  with a gated MLP), keeps state-dict names readable (`experts.3.gate_proj.weight`), lets every
+  expert be frozen on its own (`requires_grad` is per parameter: frozen experts cost no weight
+  gradients, and most experts are frozen while a task trains), and makes the dense base
+  recoverable (expert 0 is never trained). Dispatch sorts tokens by expert and loops over experts
+  (never over tokens). Stacked `(E, d, I)` tensors with `grouped_mm` behind the same dispatch were
+  measured (`python -m benchmarks.moe_layer`, docs/benchmarks.md): slower on one thread, faster
+  only on two contended threads at the tiniest size, where the count of small ops dominates.
+- **Upcycling** [1]: E0 identical copies; since the top-k gates are renormalised to sum to 1, the
+  layer's output equals the dense MLP's at construction, whatever the router says.
+- **Routers** [8]: task t owns a bias-free `d -> E_t` weight (a `Parameter` in `routers`, index =
+  task index) over the experts that existed when it was created, plus the experts added while t is
+  the current task. Experts added by later tasks are masked out (`-inf` logit) for older routers,
+  so an old task's routing is bit-identical forever. A new router copies the previous router's
+  columns and gets small random columns (std `ROUTER_INIT_STD`) for experts it has not seen.
+- **Single-router baseline**: one shared router (index 0) that every task trains and that grows a
+  column per new expert; old experts are still frozen.
+- **Probe experts** [2]: one temporary expert per layer, scored by the current router through an
+  extra last column. Attaching snapshots the router; dropping restores the snapshot exactly;
+  promoting keeps the trained probe and router as the warm start of a real expert [5].
+- **Aux loss**: `E * sum_e mean_prob_e * top1_fraction_e` (MoE-LLaVA / DeepSpeed), computed per
+  task present in the batch over that task's tokens and weighted by its token share, so it only
+  pushes on the router that is training [7]. Every token counts, padding included (as MoE-LLaVA).
+- No capacity factor: with per-task routers and tiny batches dropping tokens only adds noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from cmoe.model.locator import TaskLocator
+
+ROUTER_INIT_STD = 0.02  # HF `initializer_range` default; small so new columns start near uniform
+EXPERT_INIT_STD = 0.02  # for init="random" experts
+BASE = "base"  # origin of the upcycled experts
+ExpertInit = Literal["copy", "probe", "random"]
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class RoutingState:
+    """Per-sample task indices, shared by every CMoE layer of one model; set by `routing.route`."""
+
+    def __init__(self) -> None:
+        self.task_ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    """Routing statistics of one layer's probe expert (PGKE): what the expansion plan is made of."""
+
+    share: float  # fraction of tokens whose top-k includes the probe [3]
+    mass: float  # mean router probability on the probe
+    num_experts: int  # E_l without the probe, for the uniform threshold k / (E_l + 1) [4]
+    tokens: int
+
+
+class _PermuteRows(torch.autograd.Function):
+    """`x[perm]` whose backward is `grad[inverse]`: a gather instead of a scatter-add.
+
+    `index_select`'s backward is an `index_add_`, which on CPU cost ~10 % of the whole layer in
+    profiles; for a permutation the inverse permutation gives the same gradient as a cheap gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def topk_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax router logits (N, E), keep the top-k, renormalise: (gates, expert idx, probs)."""
+    probs = logits.float().softmax(dim=-1)
+    gates, idx = probs.topk(k, dim=-1)
+    return gates / gates.sum(dim=-1, keepdim=True), idx, probs
+
+
+def load_balancing_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """MoE-LLaVA aux loss `E * sum_e mean_prob_e * top1_fraction_e` over tokens of one router."""
+    n_experts = probs.shape[-1]
+    top1 = F.one_hot(idx[:, 0], n_experts).float().mean(dim=0)  # not differentiable, as in DeepSpeed
+    return n_experts * (probs.mean(dim=0) * top1).sum()
+
+
+GroupedExperts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dispatch(x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, n_experts: int, run: GroupedExperts) -> torch.Tensor:
+    """Send each token (N, d) to its k experts grouped per expert, mix the outputs by gate.
+
+    `run(rows, counts)` gets the token rows sorted by expert (`counts[e]` rows for expert e, in
+    expert order) and returns their expert outputs in the same order; `run_each` loops over expert
+    modules (the layer's choice), the benchmark plugs a stacked `grouped_mm` in for comparison.
+    """
+    n, d = x.shape
+    k = idx.shape[1]
+    flat = idx.reshape(-1)  # row r = token r // k, choice r % k
+    order = flat.argsort(stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    # expand+reshape (backward = a sum over k) rather than repeat_interleave (backward = scatter)
+    rows = _PermuteRows.apply(x.unsqueeze(1).expand(n, k, d).reshape(n * k, d), order, inverse)
+    ys = _PermuteRows.apply(run(rows, torch.bincount(flat, minlength=n_experts)), inverse, order).view(n, k, d)
+    return (ys * gates.to(ys.dtype).unsqueeze(-1)).sum(dim=1)  # a (N,1,k)@(N,k,d) bmm is ~5x slower on CPU
+
+
+def run_each(experts: list[nn.Module]) -> GroupedExperts:
+    """`dispatch`'s expert step as a loop over expert modules (never over tokens); empty groups skipped."""
+
+    def run(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        chunks = rows.split(counts.tolist())
+        return torch.cat([e(c) if c.shape[0] else c for e, c in zip(experts, chunks)])
+
+    return run
+
+
+class CMoELayer(nn.Module):
+    """Drop-in replacement of one decoder layer's MLP: upcycled experts + per-task routers."""
+
+    def __init__(
+        self, dense: nn.Module, hidden_size: int, num_experts: int, top_k: int, layer_index: int,
+        routing: RoutingState, single_router: bool = False,
+    ) -> None:
+        super().__init__()
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} exceeds num_experts={num_experts}")
+        self.hidden_size = hidden_size
+        self.top_k = top_k
+        self.layer_index = layer_index
+        self.single_router = single_router
+        self.routing = routing  # plain attribute: one object shared by all layers of the model
+        self.experts = nn.ModuleList(_frozen_copy(dense) for _ in range(num_experts))
+        self.expert_origin: list[str] = [BASE] * num_experts
+        self.routers = nn.ParameterList()
+        self.probe: nn.Module | None = None
+        self._router_before_probe: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None  # set by every forward with grad enabled
+        self.stats: dict[str, torch.Tensor] | None = None  # counts of the last `record_routing`
+        self.recording = False
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Route every token with its sample's task router and mix its top-k experts."""
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        tasks, token_task = self._token_tasks(shape[0], x.shape[0] // shape[0], x.device)
+        logits = self._router_logits(x, tasks, token_task)
+        gates, idx, probs = topk_route(logits, self.top_k)
+        self.aux_loss = self._aux_loss(probs, idx, tasks, token_task) if torch.is_grad_enabled() else None
+        if self.recording:
+            self._record(probs, idx)
+        experts = self._active_experts()
+        return dispatch(x, idx, gates, len(experts), run_each(experts)).view(shape)
+
+    def _token_tasks(self, batch: int, seq: int, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
+        """The task indices present, and each token's task (N,) when there is more than one."""
+        if self.single_router:
+            return [0], None
+        ids = self.routing.task_ids
+        if ids is None:
+            raise RuntimeError(
+                f"CMoE layer {self.layer_index}: no routing set; run the forward/generate inside "
+                "`with cmoe.model.routing.route(model, tasks):`"
+            )
+        if batch != ids.numel():
+            # generate() expands beams / return sequences with repeat_interleave: follow it
+            if batch % ids.numel():
+                raise RuntimeError(
+                    f"CMoE layer {self.layer_index}: batch of {batch} does not match {ids.numel()} routed samples"
+                )
+            ids = ids.repeat_interleave(batch // ids.numel())
+        tasks = ids.unique().tolist()  # over samples, not tokens: cheap
+        return tasks, None if len(tasks) == 1 else ids.to(device).repeat_interleave(seq)
+
+    def _router_logits(self, x: torch.Tensor, tasks: list[int], token_task: torch.Tensor | None) -> torch.Tensor:
+        """Logits (N, E_all) of each token under its task's router; experts it does not know get -inf."""
+        n_all = len(self._active_experts())
+        logits: torch.Tensor | None = None
+        for t in tasks:  # a loop over the tasks in the batch (usually one), never over tokens
+            w = self.routers[t]
+            lt = F.linear(x.float(), w.float())
+            if w.shape[0] < n_all:
+                lt = F.pad(lt, (0, n_all - w.shape[0]), value=float("-inf"))
+            # the first task fills every row; each further task overwrites its own rows
+            logits = lt if logits is None else torch.where((token_task == t).unsqueeze(1), lt, logits)
+        assert logits is not None
+        return logits
+
+    def _aux_loss(
+        self, probs: torch.Tensor, idx: torch.Tensor, tasks: list[int], token_task: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Load-balancing loss per router present, each over its own experts, weighted by token share."""
+        if token_task is None:
+            return load_balancing_loss(probs[:, : self.routers[tasks[0]].shape[0]], idx)
+        total = probs.new_zeros(())
+        for t in tasks:
+            rows = (token_task == t).nonzero().squeeze(1)
+            n_t = self.routers[t].shape[0]
+            total = total + rows.numel() / token_task.numel() * load_balancing_loss(probs[rows, :n_t], idx[rows])
+        return total
+
+    @torch.no_grad()
+    def _record(self, probs: torch.Tensor, idx: torch.Tensor) -> None:
+        assert self.stats is not None
+        n_all = probs.shape[1]
+        self.stats["tokens"] += probs.shape[0]
+        self.stats["topk_counts"] += torch.bincount(idx.reshape(-1), minlength=n_all).cpu()
+        self.stats["prob_sum"] += probs.sum(dim=0).cpu()
+
+    def _active_experts(self) -> list[nn.Module]:
+        return [*self.experts, *([self.probe] if self.probe is not None else [])]
+
+    # ---------------------------------------------------------------- growth
+    def add_router(self) -> None:
+        """Add the next task's router over all current experts, warm-started from the last one [8]."""
+        self._no_probe("add a router")
+        w = torch.randn(len(self.experts), self.hidden_size) * ROUTER_INIT_STD
+        if len(self.routers):
+            prev = self.routers[-1].detach()
+            w[: prev.shape[0]] = prev
+        ref = next(self.experts[0].parameters())
+        self.routers.append(nn.Parameter(w.to(ref.device, ref.dtype)))
+
+    def add_expert(self, task: str, init: ExpertInit = "copy", source: int = 0) -> int:
+        """Append an expert owned by `task` (copy of expert `source`, the probe, or random); its index."""
+        if init == "probe":
+            return self.promote_probe(task)
+        self._no_probe("add an expert")
+        expert = _trainable_copy(self.experts[source])
+        if init == "random":
+            _reinit(expert)
+        elif init != "copy":
+            raise ValueError(f"unknown expert init {init!r}; use 'copy', 'probe' or 'random'")
+        self.experts.append(expert)
+        self.expert_origin.append(task)
+        self._grow_router()
+        return len(self.experts) - 1
+
+    def _grow_router(self) -> None:
+        """Give the current (trainable) router a small random column for the newest expert."""
+        old = self.routers[-1]
+        col = torch.randn(1, self.hidden_size, device=old.device, dtype=old.dtype) * ROUTER_INIT_STD
+        self.routers[-1] = nn.Parameter(torch.cat([old.detach(), col]), requires_grad=old.requires_grad)
+
+    def freeze(self) -> None:
+        """Stop every expert and router of this layer from training (earlier tasks are done)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    # ---------------------------------------------------------------- probes
+    def attach_probe(self, source: int) -> None:
+        """Add a temporary trainable copy of expert `source`, scored by a new router column [2]."""
+        self._no_probe("attach a second probe")
+        self._router_before_probe = self.routers[-1].detach().clone()
+        self.probe = _trainable_copy(self.experts[source])
+        self._grow_router()
+
+    def drop_probe(self) -> None:
+        """Remove the probe and restore the router exactly as it was before `attach_probe`."""
+        if self.probe is None:
+            return
+        assert self._router_before_probe is not None
+        trainable = self.routers[-1].requires_grad
+        self.routers[-1] = nn.Parameter(self._router_before_probe, requires_grad=trainable)
+        self.probe, self._router_before_probe = None, None
+
+    def promote_probe(self, task: str) -> int:
+        """Make the trained probe a real expert of `task`; the router keeps its trained column [5]."""
+        if self.probe is None:
+            raise RuntimeError(f"CMoE layer {self.layer_index}: no probe attached to promote")
+        self.experts.append(self.probe)  # its router column is already the last one: indices line up
+        self.expert_origin.append(task)
+        self.probe, self._router_before_probe = None, None
+        return len(self.experts) - 1
+
+    def probe_score(self) -> ProbeScore:
+        """Share of tokens routed to the probe and its mean router mass, from `record_routing`."""
+        if self.probe is None or self.stats is None or int(self.stats["tokens"]) == 0:
+            raise RuntimeError(
+                f"CMoE layer {self.layer_index}: probe scores need an attached probe and forwards "
+                "inside `record_routing(model)`"
+            )
+        tokens = int(self.stats["tokens"])
+        p = len(self.experts)
+        return ProbeScore(
+            share=float(self.stats["topk_counts"][p]) / tokens,
+            mass=float(self.stats["prob_sum"][p]) / tokens,
+            num_experts=len(self.experts),
+            tokens=tokens,
+        )
+
+    def _no_probe(self, what: str) -> None:
+        if self.probe is not None:
+            raise RuntimeError(f"CMoE layer {self.layer_index}: cannot {what} while a probe is attached")
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    m = copy.deepcopy(module)
+    m.requires_grad_(False)
+    return m
+
+
+def _trainable_copy(module: nn.Module) -> nn.Module:
+    m = copy.deepcopy(module)
+    m.requires_grad_(True)
+    return m
+
+
+@torch.no_grad()
+def _reinit(expert: nn.Module) -> None:
+    for name, p in expert.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, EXPERT_INIT_STD)
+
+
+# ==================================================================== model-level bookkeeping
+class CMoEInfo(nn.Module):
+    """What makes a converted model a CMoE model: task order, MoE config, routing state, locator.
+
+    Attached as `model.cmoe` by `surgery.convert_to_cmoe`. An `nn.Module` so that `model.to(...)`
+    moves the locator with the model; the CMoE layers are *not* registered here (they live in the
+    decoder, and registering them twice would duplicate them in the state dict).
+    """
+
+    def __init__(
+        self, layer_indices: list[int], initial_experts: int, top_k: int, aux_loss_coef: float,
+        single_router: bool, base_path: str | None, base_sha256: str | None,
+    ) -> None:
+        from cmoe.model.locator import TaskLocator  # locator has no model deps; imported lazily for clarity
+
+        super().__init__()
+        self.layer_indices = layer_indices
+        self.initial_experts = initial_experts
+        self.top_k = top_k
+        self.aux_loss_coef = aux_loss_coef
+        self.single_router = single_router
+        self.base_path = base_path
+        self.base_sha256 = base_sha256
+        self.tasks: list[str] = []
+        self.routing = RoutingState()
+        self.locator: TaskLocator = TaskLocator()
+
+    @property
+    def current_task(self) -> str:
+        """The task being trained (the last one added)."""
+        if not self.tasks:
+            raise RuntimeError("no task yet: call add_task(model, name) first")
+        return self.tasks[-1]
+
+
+def cmoe_info(model: nn.Module) -> CMoEInfo:
+    """The CMoE bookkeeping of a converted model, with a clear error for a plain model."""
+    info = getattr(model, "cmoe", None)
+    if not isinstance(info, CMoEInfo):
+        raise TypeError("not a CMoE model: convert it with cmoe.model.surgery.convert_to_cmoe first")
+    return info
+
+
+def cmoe_layers(model: nn.Module) -> dict[int, CMoELayer]:
+    """The model's CMoE layers keyed by decoder layer index, in order."""
+    layers = {m.layer_index: m for m in model.modules() if isinstance(m, CMoELayer)}
+    return dict(sorted(layers.items()))
+
+
+def add_task(model: nn.Module, name: str) -> int:
+    """Start task `name`: freeze every existing expert and router, give it a router; its index."""
+    info = cmoe_info(model)
+    if not _TASK_NAME.match(name):
+        raise ValueError(f"task name {name!r}: use 1-64 letters, digits, '_' or '-' (it names a folder)")
+    if name in info.tasks or name == BASE:
+        raise ValueError(f"task {name!r} already exists (tasks: {info.tasks})")
+    for layer in cmoe_layers(model).values():
+        layer._no_probe("add a task")
+        if info.single_router and len(layer.routers):
+            layer.experts.requires_grad_(False)  # the shared router keeps training, experts do not
+        else:
+            layer.freeze()
+            layer.add_router()
+    info.tasks.append(name)
+    return len(info.tasks) - 1
+
+
+def add_expert(model: nn.Module, layer: int, init: ExpertInit = "copy", source: int = 0) -> int:
+    """Give CMoE layer `layer` a new expert owned by the current task; returns the expert's index."""
+    return _layer(model, layer).add_expert(cmoe_info(model).current_task, init, source)
+
+
+def trainable_parameters(model: nn.Module, task: str | None = None) -> list[nn.Parameter]:
+    """Exactly what task `task` (default: the current one) trains: its new experts, probes, router.
+
+    Pass only these to the optimizer: AdamW's weight decay would otherwise move frozen tensors.
+    """
+    info = cmoe_info(model)
+    task = task or info.current_task
+    if task != info.current_task:
+        raise ValueError(f"task {task!r} is frozen; only the current task {info.current_task!r} trains")
+    params: list[nn.Parameter] = []
+    for layer in cmoe_layers(model).values():
+        for origin, expert in zip(layer.expert_origin, layer.experts):
+            if origin == task:
+                params += expert.parameters()
+        if layer.probe is not None:
+            params += layer.probe.parameters()
+        params.append(layer.routers[-1])
+    return params
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """The weighted load-balancing loss of the last forward, summed over CMoE layers (add to LM loss)."""
+    info = cmoe_info(model)
+    losses = [layer.aux_loss for layer in cmoe_layers(model).values() if layer.aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return info.aux_loss_coef * torch.stack(losses).sum()
+
+
+@contextmanager
+def record_routing(model: nn.Module) -> Iterator[None]:
+    """Count, per layer, tokens, top-k assignments and router mass of the forwards run inside."""
+    layers = cmoe_layers(model).values()
+    for layer in layers:
+        n = len(layer._active_experts())
+        layer.stats = {"tokens": torch.zeros((), dtype=torch.long),
+                       "topk_counts": torch.zeros(n, dtype=torch.long), "prob_sum": torch.zeros(n)}
+        layer.recording = True
+    try:
+        yield
+    finally:
+        for layer in layers:  # the counts stay readable until the next record_routing
+            layer.recording = False
+
+
+def expert_usage(model: nn.Module) -> dict[int, list[int]]:
+    """Per layer, how many top-k assignments each real expert got inside the last `record_routing`."""
+    usage = {}
+    for i, layer in cmoe_layers(model).items():
+        if layer.stats is None:
+            raise RuntimeError(f"CMoE layer {i}: no routing recorded; run forwards inside record_routing(model)")
+        usage[i] = layer.stats["topk_counts"][: len(layer.experts)].tolist()
+    return usage
+
+
+def attach_probes(model: nn.Module, source: Literal["most_used"] | int = "most_used") -> None:
+    """PGKE: attach a probe to every CMoE layer, a copy of its most-used expert (or of `source`) [2].
+
+    "most_used" reads the counts of the last `record_routing` block (run the task's data through
+    the new task's router first); the router snapshot lets `drop_probes` undo this exactly.
+    """
+    if not cmoe_info(model).tasks:
+        raise RuntimeError("probes belong to a task: call add_task(model, name) first")
+    usage = expert_usage(model) if source == "most_used" else None
+    for i, layer in cmoe_layers(model).items():
+        src = max(range(len(usage[i])), key=usage[i].__getitem__) if usage else int(source)
+        layer.attach_probe(src)
+        layer.stats = None  # counts were sized for the experts before the probe
+
+
+def probe_scores(model: nn.Module) -> dict[int, ProbeScore]:
+    """Per layer, the probe's share of top-k assignments and router mass (needs `record_routing`)."""
+    return {i: layer.probe_score() for i, layer in cmoe_layers(model).items()}
+
+
+def drop_probes(model: nn.Module) -> None:
+    """Remove every remaining probe; each layer returns exactly to its pre-probe state."""
+    for layer in cmoe_layers(model).values():
+        layer.drop_probe()
+
+
+def promote_probe(model: nn.Module, layer: int) -> int:
+    """Keep layer `layer`'s trained probe as a new expert of the current task; its index."""
+    return _layer(model, layer).promote_probe(cmoe_info(model).current_task)
+
+
+def _layer(model: nn.Module, index: int) -> CMoELayer:
+    layers = cmoe_layers(model)
+    if index not in layers:
+        raise KeyError(f"decoder layer {index} is not a CMoE layer (CMoE layers: {list(layers)})")
+    return layers[index]

@@ -1,0 +1,298 @@
+"""The CMoE state directory: a JSON manifest, the base by reference (or a copy), one delta per task.
+
+Layout (ARCHITECTURE.md "State and lineage")::
+
+    cmoe.json                          manifest, format_version 1
+    base/                              only with copy_base=True: the dense base, HF safetensors
+    tasks/<task>/experts.safetensors   experts the task added: layers.<L>.experts.<e>.<param>
+    tasks/<task>/router.safetensors    its router per layer: layers.<L>.router  (E_t, d)
+    tasks/<task>/locator.safetensors   its PTL VAE, when fitted
+
+Loading = base + conversion with the manifest's MoE config + every task's delta in order, which
+reproduces the saved model exactly (the upcycled experts are copies of the base, so they are not
+stored). Everything is checked before anything is built: the format version, the base's sha256
+(over its safetensors files), and for each delta its sha256 and its tensor names, shapes and
+dtypes; each failure names the file and what is wrong. safetensors + JSON only, never pickle.
+Saving writes into a temporary sibling directory and renames it into place, so a crash never
+leaves a half-written state. Delta paths are derived from the task name (validated at
+`add_task`), never read from the manifest, so a manifest cannot point outside the directory.
+In single-router mode each task's router file holds the shared router as it was after that task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from cmoe.config import MoEConfig
+from cmoe.model.base import check_local_checkpoint, weights_sha256
+from cmoe.model.cmoe_layer import BASE, add_expert, add_task, cmoe_info, cmoe_layers
+from cmoe.model.locator import TaskVAE
+from cmoe.model.surgery import convert_to_cmoe, dense_base
+
+FORMAT_VERSION = 1
+MANIFEST = "cmoe.json"
+DELTA_KINDS = ("experts", "router", "locator")
+BaseLoader = Callable[[str], nn.Module]
+
+
+class StateError(ValueError):
+    """A CMoE state directory that cannot be saved or loaded; the message names the file and why."""
+
+
+# ==================================================================== save
+def save_state(
+    model: nn.Module, path: str | Path, *, copy_base: bool = False, base_path: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model`'s CMoE state to directory `path` atomically; returns the path.
+
+    The base is referenced by path + sha256 (`base_path`, default: where the model's base was
+    loaded from). `copy_base=True` stores it under `base/` so the directory travels alone: the
+    base directory's files are copied as they are (tokenizer and processor included) when its
+    path is known, else the dense base is rebuilt from the model and written with save_pretrained.
+    A base inside `path` itself (a model loaded from a travelling state, saved back in place) is
+    always copied along, since replacing `path` would delete it.
+    """
+    info = cmoe_info(model)
+    layers = cmoe_layers(model)
+    if any(layer.probe is not None for layer in layers.values()):
+        raise StateError("probes are attached: drop or promote them before saving")
+    src = Path(base_path or info.base_path) if (base_path or info.base_path) else None
+    if src is None and not copy_base:
+        raise StateError("the model's base has no path: pass base_path=... or copy_base=True")
+    if src is not None:
+        sha = weights_sha256(src)
+        loaded_from_src = info.base_path is not None and src.resolve() == Path(info.base_path).resolve()
+        if loaded_from_src and info.base_sha256 and sha != info.base_sha256:
+            raise StateError(f"{src}: base weights changed on disk since the model was loaded "
+                             f"(sha256 {sha}, expected {info.base_sha256})")
+    path = Path(path)
+    if src is not None and src.resolve().is_relative_to(path.resolve()):
+        copy_base = True  # the base lives in the directory being replaced: keep it by copying it along
+    with _atomic_dir(path, overwrite) as tmp:
+        if copy_base:
+            if src is not None:
+                shutil.copytree(src, tmp / "base")
+            else:
+                dense_base(model).save_pretrained(tmp / "base")
+            base_entry = {"path": "base", "copied": True, "sha256": weights_sha256(tmp / "base")}
+        else:
+            assert src is not None
+            base_entry = {"path": str(src.resolve()), "copied": False, "sha256": sha}
+        deltas = {task: _write_task(model, tmp, t, task) for t, task in enumerate(info.tasks)}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "base": base_entry,
+            "moe": {
+                "layers": list(layers), "initial_experts": info.initial_experts, "top_k": info.top_k,
+                "aux_loss_coef": info.aux_loss_coef, "router": "single" if info.single_router else "per_task",
+            },
+            "locator": {"temperature": info.locator.temperature},
+            "tasks": list(info.tasks),
+            "experts": {str(i): list(layer.expert_origin) for i, layer in layers.items()},
+            "deltas": deltas,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, dict]:
+    """Write task `task`'s delta files; returns their manifest entries (sha256, tensors)."""
+    info = cmoe_info(model)
+    experts: dict[str, torch.Tensor] = {}
+    routers: dict[str, torch.Tensor] = {}
+    for i, layer in cmoe_layers(model).items():
+        for e, (origin, expert) in enumerate(zip(layer.expert_origin, layer.experts)):
+            if origin == task:
+                experts |= {f"layers.{i}.experts.{e}.{k}": v for k, v in expert.state_dict().items()}
+        routers[f"layers.{i}.router"] = layer.routers[0 if info.single_router else t]
+    # single router: this snapshot is the shared router as of the end of the last task, which is
+    # the only one a load can reproduce; earlier tasks' files keep what they held when written
+    tensors = {"experts": experts, "router": routers}
+    if task in info.locator.vaes:
+        tensors["locator"] = info.locator.vaes[task].state_dict()
+    folder = root / "tasks" / task
+    folder.mkdir(parents=True)
+    entries = {}
+    for kind, named in tensors.items():
+        file = folder / f"{kind}.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in named.items()}, file, metadata={"format": "pt"})
+        entries[kind] = {"sha256": _file_sha256(file), "tensors": _tensor_specs(file)}
+    return entries
+
+
+@contextmanager
+def _atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; on success rename it to `path`, on failure delete it."""
+    if path.exists() and not overwrite:
+        raise StateError(f"{path}: already exists (pass overwrite=True to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ==================================================================== load
+def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Module:
+    """Rebuild the CMoE model saved in `path`: verified base + conversion + every task delta in order.
+
+    `base_loader(dir) -> model` loads the dense base (default: a local LlavaForConditionalGeneration).
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    base_dir = root / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
+    sha = _checked_base(base_dir, manifest["base"]["sha256"])
+    for task in manifest["tasks"]:
+        for kind, entry in manifest["deltas"][task].items():
+            _verify_delta(root / "tasks" / task / f"{kind}.safetensors", entry)
+
+    model = (base_loader or _load_llava)(str(base_dir))
+    moe = manifest["moe"]
+    convert_to_cmoe(
+        model, MoEConfig(layers=moe["layers"], initial_experts=moe["initial_experts"], top_k=moe["top_k"],
+                         aux_loss_coef=moe["aux_loss_coef"]),
+        single_router=moe["router"] == "single", base_path=str(base_dir.resolve()),
+    )
+    info = cmoe_info(model)
+    info.base_sha256 = sha
+    info.locator.temperature = manifest["locator"]["temperature"]
+    for t, task in enumerate(manifest["tasks"]):
+        _apply_task(model, root, t, task, manifest)
+    return model
+
+
+def read_manifest(root: Path) -> dict:
+    """The parsed `cmoe.json` of a state directory, with its format version and fields checked."""
+    file = root / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise StateError(f"{file}: no CMoE manifest (not a state directory)") from None
+    except json.JSONDecodeError as e:
+        raise StateError(f"{file}: not valid JSON: {e}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StateError(f"{file}: format_version {version!r} is unknown; this cmoe reads {FORMAT_VERSION}")
+    missing = [k for k in ("base", "moe", "locator", "tasks", "experts", "deltas") if k not in manifest]
+    if missing:
+        raise StateError(f"{file}: missing fields {missing}")
+    no_delta = [t for t in manifest["tasks"] if t not in manifest["deltas"]]
+    if no_delta:
+        raise StateError(f"{file}: tasks {no_delta} have no delta entries")
+    e0, known = manifest["moe"]["initial_experts"], {BASE, *manifest["tasks"]}
+    for layer, origins in manifest["experts"].items():
+        if origins[:e0] != [BASE] * e0 or not known.issuperset(origins):
+            raise StateError(f"{file}: layer {layer} experts {origins} must be {e0} '{BASE}' copies, then known tasks")
+    return manifest
+
+
+def _checked_base(base_dir: Path, expected: str) -> str:
+    if not base_dir.is_dir():
+        raise StateError(f"{base_dir}: the base directory named by the manifest does not exist")
+    sha = weights_sha256(base_dir)
+    if sha != expected:
+        raise StateError(f"{base_dir}: base weights sha256 {sha} differs from the manifest's {expected} "
+                         "(a different or modified base)")
+    return sha
+
+
+def _verify_delta(file: Path, entry: dict) -> None:
+    """Refuse a delta file whose bytes or tensors (names, shapes, dtypes) differ from the manifest."""
+    if not file.is_file():
+        raise StateError(f"{file}: delta file missing")
+    sha = _file_sha256(file)
+    if sha != entry["sha256"]:
+        raise StateError(f"{file}: sha256 {sha} does not match the manifest's {entry['sha256']} "
+                         "(corrupted or modified delta)")
+    specs, expected = _tensor_specs(file), entry["tensors"]
+    if specs.keys() != expected.keys():
+        raise StateError(f"{file}: tensor names differ from the manifest: missing "
+                         f"{sorted(expected.keys() - specs.keys())}, unexpected {sorted(specs.keys() - expected.keys())}")
+    for name, spec in specs.items():
+        if spec != expected[name]:
+            raise StateError(f"{file}: tensor {name} is {spec}, the manifest says {expected[name]}")
+
+
+def _apply_task(model: nn.Module, root: Path, t: int, task: str, manifest: dict) -> None:
+    """Replay task `task`: add its router and experts, then fill them from its (verified) delta."""
+    folder = root / "tasks" / task
+    add_task(model, task)
+    info = cmoe_info(model)
+    with safe_open(folder / "experts.safetensors", "pt") as f:
+        for i, layer in cmoe_layers(model).items():
+            origins = manifest["experts"].get(str(i), [])
+            for e, origin in enumerate(origins):
+                if origin != task:
+                    continue
+                if add_expert(model, i, "copy", 0) != e:
+                    raise StateError(f"{root / MANIFEST}: layer {i} expert {e} of task "
+                                     f"{task!r} is out of task order {origins}")
+                prefix = f"layers.{i}.experts.{e}."
+                _load_into(layer.experts[e], {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)},
+                           folder / "experts.safetensors")
+    with safe_open(folder / "router.safetensors", "pt") as f, torch.no_grad():
+        for i, layer in cmoe_layers(model).items():
+            router = layer.routers[0 if info.single_router else t]
+            value = f.get_tensor(f"layers.{i}.router")
+            if value.shape != router.shape:
+                raise StateError(f"{folder / 'router.safetensors'}: layers.{i}.router has shape {list(value.shape)}, "
+                                 f"the model's experts need {list(router.shape)}")
+            router.copy_(value)
+    if "locator" in manifest["deltas"][task]:
+        with safe_open(folder / "locator.safetensors", "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        hidden, n_features = tensors["enc.weight"].shape
+        vae = TaskVAE(n_features, hidden, tensors["enc_out.weight"].shape[0] // 2)
+        _load_into(vae, tensors, folder / "locator.safetensors")
+        info.locator.add_task(task, vae.requires_grad_(False).eval())
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise StateError(f"{file}: does not fit the model: {e}") from None
+
+
+def _load_llava(path: str) -> nn.Module:
+    model = LlavaForConditionalGeneration.from_pretrained(
+        check_local_checkpoint(path), local_files_only=True, use_safetensors=True
+    )
+    return model.eval()
+
+
+def _file_sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tensor_specs(file: Path) -> dict[str, dict]:
+    """Name -> {shape, dtype} of every tensor in a safetensors file, read from its header."""
+    with safe_open(file, "pt") as f:
+        return {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()} for k in f.keys()}

@@ -1,0 +1,85 @@
+"""Upcycling surgery: find the text decoder of an HF LLaVA-style model and turn chosen MLPs into CMoE layers.
+
+Works on any decoder whose layers have a gated MLP (`gate_proj`, `up_proj`, `down_proj`, `act_fn`:
+Llama, Qwen2, Mistral). The conversion is in place and freezes every base parameter: in the MoE
+stages only experts and routers train (MoE-LLaVA).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from cmoe.config import MoEConfig
+from cmoe.model.cmoe_layer import CMoEInfo, CMoELayer, cmoe_info, cmoe_layers
+
+LayerSpec = str | list[int]
+_GATED_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (the module with `.layers`) of a LLaVA model or of a plain causal LM."""
+    inner = getattr(model, "model", model)
+    for candidate in (getattr(inner, "language_model", None), inner):  # transformers 5 LLaVA, then causal LM
+        if isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+            return candidate
+    raise TypeError(f"{type(model).__name__}: no text decoder found at model.language_model.layers or model.layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The text model's decoder layers; layer `i`'s feed-forward block is `layers[i].mlp`."""
+    return text_model(model).layers
+
+
+def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
+    """Decoder indices to convert: "every_other" (0, 2, 4, ... as MoE-LLaVA), "all", or a list."""
+    if spec == "every_other":
+        return list(range(0, num_layers, 2))
+    if spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        raise ValueError(f"MoE layers {spec!r}: use 'every_other', 'all' or a list of indices")
+    bad = [i for i in spec if not 0 <= i < num_layers]
+    if bad or len(set(spec)) != len(spec) or not spec:
+        raise ValueError(f"MoE layers {spec}: need distinct indices in [0, {num_layers}), got bad {bad}")
+    return sorted(spec)
+
+
+def convert_to_cmoe(
+    model: nn.Module, cfg: MoEConfig | None = None, *, single_router: bool = False, base_path: str | None = None,
+) -> nn.Module:
+    """Upcycle the chosen layers' MLPs into CMoE layers of `cfg.initial_experts` copies, in place.
+
+    `base_path` is where the (dense) base was loaded from; the state format references it by path
+    and hash instead of copying it. `single_router=True` builds the one-shared-router baseline.
+    Tasks are added afterwards with `cmoe_layer.add_task`.
+    """
+    cfg = cfg or MoEConfig()
+    if isinstance(getattr(model, "cmoe", None), CMoEInfo):
+        raise ValueError("model is already a CMoE model")
+    layers = decoder_layers(model)
+    indices = resolve_layers(cfg.layers, len(layers))
+    model.requires_grad_(False)
+    info = CMoEInfo(indices, cfg.initial_experts, cfg.top_k, cfg.aux_loss_coef, single_router, base_path, None)
+    for i in indices:
+        dense = layers[i].mlp
+        missing = [a for a in _GATED_MLP if not hasattr(dense, a)]
+        if missing:
+            raise TypeError(f"decoder layer {i}: {type(dense).__name__} is not a gated MLP (missing {missing})")
+        layers[i].mlp = CMoELayer(
+            dense, dense.down_proj.out_features, cfg.initial_experts, cfg.top_k, i, info.routing, single_router
+        )
+    model.cmoe = info
+    return model
+
+
+def dense_base(model: nn.Module) -> nn.Module:
+    """A copy of the dense base a CMoE model was upcycled from (expert 0 of each layer is never trained)."""
+    cmoe_info(model)
+    base = copy.deepcopy(model)
+    layers = decoder_layers(base)
+    for i, layer in cmoe_layers(base).items():
+        layers[i].mlp = layer.experts[0]
+    del base.cmoe
+    return base

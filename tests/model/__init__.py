@@ -1,0 +1,1 @@
+"""Tests of the CMoE model layer (cmoe/model): tiny random LLaVA models, seconds each."""

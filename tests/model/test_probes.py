@@ -1,0 +1,87 @@
+"""Probe experts (PGKE): attach, train, score, then drop exactly or promote to a real expert."""
+
+import pytest
+import torch
+
+from cmoe.model.cmoe_layer import (
+    add_expert, add_task, attach_probes, cmoe_layers, drop_probes, expert_usage, probe_scores, promote_probe,
+    record_routing,
+)
+from cmoe.model.routing import route
+
+from .helpers import cmoe_model, make_batch, train_steps
+
+
+def _probed_model():  # noqa: ANN202
+    """Tasks "a", "b" with distinguishable experts (base copies perturbed); b's usage recorded."""
+    model = cmoe_model()
+    add_task(model, "b")
+    with torch.no_grad():
+        for layer in cmoe_layers(model).values():
+            for e, expert in enumerate(layer.experts):
+                expert.down_proj.weight.add_(0.01 * e)
+    with record_routing(model), route(model, ["b"] * 2), torch.no_grad():
+        model(**make_batch())
+    return model
+
+
+def _logits(model, tasks=("b", "b")):  # noqa: ANN001, ANN202
+    with route(model, list(tasks)), torch.no_grad():
+        return model(**make_batch(seed=5)).logits
+
+
+def test_probe_copies_the_most_used_expert_and_is_scored() -> None:
+    model = _probed_model()
+    usage = expert_usage(model)
+    assert all(sum(u) == 2 * 11 * 2 for u in usage.values())  # top-2 of 2 samples x 11 tokens
+    attach_probes(model)
+    for i, layer in cmoe_layers(model).items():
+        most_used = max(range(4), key=usage[i].__getitem__)
+        assert torch.equal(layer.probe.down_proj.weight, layer.experts[most_used].down_proj.weight)
+        assert layer.routers[-1].shape[0] == 5 and layer.probe.down_proj.weight.requires_grad
+    train_steps(model, "b", steps=2)
+    with record_routing(model), route(model, ["b"] * 2), torch.no_grad():
+        model(**make_batch(seed=7))
+    scores = probe_scores(model)
+    assert list(scores) == [0, 2]
+    for s in scores.values():
+        assert 0.0 <= s.share <= 1.0 and 0.0 < s.mass < 1.0 and s.num_experts == 4 and s.tokens == 22
+
+
+def test_drop_restores_the_exact_previous_state() -> None:
+    model = _probed_model()
+    before = _logits(model)
+    routers = [layer.routers[-1].detach().clone() for layer in cmoe_layers(model).values()]
+    attach_probes(model, source=0)
+    train_steps(model, "b", steps=2)  # trains the probes and b's router
+    assert not torch.equal(_logits(model), before)
+    drop_probes(model)
+    assert torch.equal(_logits(model), before)
+    for layer, r in zip(cmoe_layers(model).values(), routers):
+        assert layer.probe is None and torch.equal(layer.routers[-1], r) and layer.routers[-1].requires_grad
+
+
+def test_promote_keeps_the_trained_probe_as_a_task_expert() -> None:
+    model = _probed_model()
+    attach_probes(model)
+    train_steps(model, "b", steps=2)
+    probe = cmoe_layers(model)[2].probe
+    trained = _logits(model)
+    assert promote_probe(model, 2) == 4
+    layer2 = cmoe_layers(model)[2]
+    assert layer2.experts[4] is probe and layer2.expert_origin[4] == "b" and layer2.probe is None
+    with pytest.raises(RuntimeError, match="probe is attached"):
+        add_expert(model, 0)
+    drop_probes(model)  # layer 0's probe goes, layer 2's promoted expert stays
+    assert len(cmoe_layers(model)[0].experts) == 4 and cmoe_layers(model)[0].routers[-1].shape[0] == 4
+    assert layer2.routers[-1].shape[0] == 5
+    assert not torch.equal(_logits(model), trained)  # layer 0 lost its probe
+    with pytest.raises(RuntimeError, match="no probe attached"):
+        promote_probe(model, 2)
+
+
+def test_probe_scores_need_recorded_routing() -> None:
+    model = _probed_model()
+    attach_probes(model)
+    with pytest.raises(RuntimeError, match="record_routing"):
+        probe_scores(model)
