@@ -167,3 +167,20 @@ def load_config(path: str | Path | None = None, **overrides: object) -> CmoeConf
         where = str(path) if path is not None else "config"
         lines = [f"{where}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None
+
+
+def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
+    """A configuration sized for seconds-long runs in tests: tiny base, few steps, tiny locator."""
+    cfg = CmoeConfig.model_validate({
+        "home": Path(home),
+        "base": {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32,
+                 "text_layers": 2, "text_heads": 2, "text_intermediate": 64, "image_size": 32,
+                 "patch_size": 16, "vocab_size": 300, "pretrain_epochs": 1, "pretrain_batch_size": 16},
+        "moe": {"layers": "all", "initial_experts": 2, "top_k": 1},
+        "probe": {"steps": 3, "batch_size": 16, "holdout_fraction": 0.25},
+        "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2},
+        "locator": {"epochs": 3, "hidden": 16, "latent_dim": 4},
+        "eval": {"batch_size": 32, "max_new_tokens": 4},
+        "gate": {"min_new_task_acc": 0.0, "min_locator_acc": 0.0, "max_forgetting": 100.0, "max_avg_drop": 100.0},
+    })
+    return cfg.model_copy(update=overrides)
