@@ -1,0 +1,159 @@
+"""Evaluation: re-test every task learned so far, task-agnostically, and measure forgetting.
+
+Each task's test split is answered twice with batched greedy decoding: with locator routing (PTL
+picks the router; what users get) and with oracle routing (the true task's router), so locator
+errors and expert errors can be told apart. The accuracy-matrix row of this step is combined with
+the lineage's earlier rows into Avg, BWT, Forgetting and MAA.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cmoe.config import CmoeConfig
+from cmoe.model.cmoe_layer import cmoe_info
+from cmoe.model.params import count_params
+from cmoe.model.routing import RoutingMode, routing
+from cmoe.model.state import read_manifest
+from cmoe.stages import metrics
+from cmoe.stages.common import TaskData, load_task, open_lineage
+
+
+@dataclass
+class EvalReport:
+    """One row of the accuracy matrix plus the continual metrics; JSON-serialisable."""
+
+    tasks: list[str]
+    acc: dict[str, float]  # per task, locator routing (or the model's only routing), percent
+    oracle_acc: dict[str, float] | None  # per task, true task's router; None for single-router models
+    locator_acc: float | None  # percent of test samples routed to their own task
+    confusion: list[list[int]] | None  # [true task][located task] counts
+    matrix: list[list[float | None]]  # the lineage's accuracy matrix up to this step
+    avg_acc: float
+    bwt: float | None
+    forgetting: float | None
+    maa: float | None
+    params_total: int
+    params_active: int
+    params_added: list[int]  # per task, in order
+    eval_samples_per_s: float
+    report_json: str
+    heatmap_png: str
+
+
+def answer_task(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig, mode: RoutingMode,
+                task: str | None) -> tuple[list[str], list[str] | None]:
+    """Greedy answers for a task's test split under `mode`; also the located task per sample."""
+    preds: list[str] = []
+    located: list[str] | None = [] if mode == "locator" else None
+    bs = cfg.eval.batch_size
+    for i in range(0, len(data.encoded), bs):
+        b = processor.collate(data.encoded[i:i + bs], left_pad=True)
+        tasks = [task] * len(b["input_ids"]) if mode == "oracle" else None
+        with routing(model, mode, tasks, input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+                     attention_mask=b["attention_mask"]) as pred:
+            gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 pixel_values=b["pixel_values"], max_new_tokens=cfg.eval.max_new_tokens,
+                                 do_sample=False, pad_token_id=processor.pad_id, eos_token_id=processor.eos_id)
+        preds += processor.decode_answers(gen[:, b["input_ids"].shape[1]:])
+        if located is not None:
+            located += pred.names
+    return preds, located
+
+
+def task_accuracy(preds: list[str], data: TaskData) -> float:
+    """Mean score of the predictions by the task's metric, in percent."""
+    return 100 * sum(metrics.score(p, a, data.spec.metric) for p, a in zip(preds, data.answers)) / len(preds)
+
+
+@torch.no_grad()
+def run_evaluate(cfg: CmoeConfig, state_dir: Path, bundles: list[str], out_dir: Path,
+                 history: list[dict[str, float]]) -> EvalReport:
+    """Evaluate the state at `state_dir` on every bundle (all tasks so far, in order)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = open_lineage(cfg, Path(state_dir))
+    info = cmoe_info(model)
+    single = info.single_router
+    has_locator = not single and all(t in info.locator.tasks for t in info.tasks)
+    t0, n = time.perf_counter(), 0
+    acc: dict[str, float] = {}
+    oracle: dict[str, float] | None = None if single else {}
+    names: list[str] = []
+    located_all: list[tuple[str, str]] = []
+    for bundle in bundles:
+        data = load_task(bundle, "test", processor, cfg, with_answers=False)
+        name = data.spec.name
+        if name not in info.tasks:
+            raise ValueError(f"{bundle}: task {name!r} was never learned by this state (tasks: {info.tasks})")
+        names.append(name)
+        n += len(data.encoded)
+        if single:
+            preds, _ = answer_task(model, processor, data, cfg, "single", None)
+            acc[name] = task_accuracy(preds, data)
+            continue
+        preds, _ = answer_task(model, processor, data, cfg, "oracle", name)
+        oracle[name] = task_accuracy(preds, data)
+        if has_locator:
+            preds, located = answer_task(model, processor, data, cfg, "locator", None)
+            acc[name] = task_accuracy(preds, data)
+            located_all += [(name, t) for t in located]
+        else:
+            acc[name] = oracle[name]
+    wall = time.perf_counter() - t0
+
+    confusion = None
+    locator_acc = None
+    if located_all:
+        idx = {t: i for i, t in enumerate(info.tasks)}
+        confusion = [[0] * len(info.tasks) for _ in names]
+        for true, got in located_all:
+            confusion[names.index(true)][idx[got]] += 1
+        locator_acc = 100 * sum(t == g for t, g in located_all) / len(located_all)
+
+    matrix = _matrix(history + [acc], names)
+    counts = count_params(model)
+    manifest = read_manifest(Path(state_dir))
+    report = EvalReport(
+        tasks=names, acc=acc, oracle_acc=oracle, locator_acc=locator_acc, confusion=confusion, matrix=matrix,
+        avg_acc=metrics.avg_acc(matrix), bwt=metrics.bwt(matrix), forgetting=metrics.forgetting(matrix),
+        maa=metrics.maa(matrix), params_total=counts.total, params_active=counts.active_per_token,
+        params_added=[counts.added_per_task.get(t, 0) for t in manifest["tasks"]],
+        eval_samples_per_s=n * (1 if single else 2) / wall,
+        report_json=str(out_dir / "eval.json"), heatmap_png=str(out_dir / "accuracy.png"),
+    )
+    Path(report.report_json).write_text(json.dumps(asdict(report), indent=2))
+    plot_matrix(matrix, names, Path(report.heatmap_png))
+    return report
+
+
+def _matrix(rows: list[dict[str, float]], names: list[str]) -> list[list[float | None]]:
+    """Accuracy rows (task -> acc, one per step) as a lower-triangular matrix over `names`."""
+    return [[row.get(t) if j <= i else None for j, t in enumerate(names)] for i, row in enumerate(rows)]
+
+
+def plot_matrix(matrix: list[list[float | None]], names: list[str], path: Path) -> None:
+    """Heatmap of the accuracy matrix (rows: after task i; columns: task j)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array([[np.nan if a is None else a for a in row] for row in matrix], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.9 * len(matrix) + 1.5))
+    im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+    for (i, j), v in np.ndenumerate(m):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="white" if v < 60 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(matrix)), [f"after {names[i]}" for i in range(len(matrix))])
+    fig.colorbar(im, ax=ax, label="accuracy %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""Expansion: grow the planned experts, train them and task t's router, fit t's locator, save.
+
+Everything that earlier tasks own stays frozen (and bit-identical); only task t's new experts and
+its router train, with the load-balancing loss on that router. The probes of the PGKE stage are
+the new experts' warm start; layers the plan does not expand still get t's router (trained too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cmoe.config import CmoeConfig
+from cmoe.model.cmoe_layer import (
+    add_expert, add_task, attach_probes, cmoe_info, cmoe_layers, promote_probe, trainable_parameters,
+)
+from cmoe.model.locator import fit_task_vae, locator_features
+from cmoe.model.routing import route
+from cmoe.model.state import save_state
+from cmoe.stages.common import TaskData, load_task, moe_loss, open_lineage
+from cmoe.stages.probe import ProbeReport
+from cmoe.stages.trainer import TrainSpec, train
+
+
+@dataclass
+class ExpandResult:
+    """Where the new state is and what the expansion cost; JSON-serialisable."""
+
+    task: str
+    state_dir: str
+    params_added: int
+    train: dict
+    locator: dict
+    wall_s: float
+
+
+def grow(model: torch.nn.Module, probe: ProbeReport) -> int:
+    """Add the planned experts (warm-started from the trained probes when there are any); params added."""
+    before = sum(p.numel() for p in model.parameters())
+    if probe.probe_file:
+        attach_probes(model, source=0)
+        saved = load_file(probe.probe_file)
+        for i, layer in cmoe_layers(model).items():
+            layer.probe.load_state_dict({k.split(".probe.", 1)[1]: v for k, v in saved.items()
+                                         if k.startswith(f"{i}.probe.")})
+            router = saved[f"{i}.router"]
+            with torch.no_grad():
+                layer.routers[-1].copy_(router)
+        for key, n in probe.plan.items():
+            idx = promote_probe(model, int(key))
+            for _ in range(n - 1):
+                add_expert(model, int(key), init="copy", source=idx)
+        # Layers left unexpanded keep the probe-trained router columns of their existing experts.
+        for i, layer in cmoe_layers(model).items():
+            if layer.probe is not None:
+                trained = saved[f"{i}.router"][:-1]
+                layer.drop_probe()
+                with torch.no_grad():
+                    layer.routers[-1].copy_(trained)
+    else:
+        for key, n in probe.plan.items():
+            for _ in range(n):
+                add_expert(model, int(key), init="copy", source=0)
+    return sum(p.numel() for p in model.parameters()) - before
+
+
+def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig) -> dict:
+    """Fit task t's VAE on the pre-MoE features of its training data; add it to the locator."""
+    t0 = time.perf_counter()
+    feats = []
+    for i in range(0, len(data.encoded), cfg.eval.batch_size):
+        b = processor.collate(data.encoded[i:i + cfg.eval.batch_size])
+        feats.append(locator_features(model, b["input_ids"], b["pixel_values"], b["attention_mask"]))
+    vae = fit_task_vae(torch.cat(feats), cfg.locator, seed=cfg.expand.seed)
+    cmoe_info(model).locator.add_task(data.spec.name, vae)
+    return {"samples": len(data.encoded), "features": int(feats[0].shape[1]), "wall_s": time.perf_counter() - t0,
+            "err_mean": float(vae.err_mean), "err_std": float(vae.err_std)}
+
+
+def run_expand(
+    cfg: CmoeConfig, bundle: str, parent_state: Path | None, probe: ProbeReport, out_dir: Path,
+    *, copy_base: bool = True, single_router: bool = False, with_locator: bool = True,
+) -> ExpandResult:
+    """Grow + train task `bundle` on the lineage at `parent_state`; write the new state to out_dir/state."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    model, processor = open_lineage(cfg, parent_state, single_router=single_router)
+    data = load_task(bundle, "train", processor, cfg, with_answers=True)
+    name = data.spec.name
+    if probe.task != name:
+        raise ValueError(f"probe report is for task {probe.task!r}, bundle {bundle} is {name!r}")
+    add_task(model, name)
+    added = grow(model, probe)
+
+    spec = TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
+                     seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config,
+                     checkpoint_dir=out_dir / "checkpoints", checkpoint_every=cfg.expand.checkpoint_every,
+                     desc=f"expand {name}")
+    with route(model, None if single_router else [name]):
+        model.train()
+        result = train(model, trainable_parameters(model), data.encoded, processor.collate, moe_loss, spec)
+        model.eval()
+    model.requires_grad_(False)
+    locator = fit_locator(model, processor, data, cfg) if with_locator else {}
+    state = save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True)
+    return ExpandResult(name, str(state), added, asdict(result), locator, time.perf_counter() - t0)
