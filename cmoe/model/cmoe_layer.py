@@ -36,14 +36,13 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from cmoe.model.locator import TaskLocator
+from cmoe.model.locator import TaskLocator
 
 ROUTER_INIT_STD = 0.02  # HF `initializer_range` default; small so new columns start near uniform
 EXPERT_INIT_STD = 0.02  # for init="random" experts
@@ -232,12 +231,12 @@ class CMoELayer(nn.Module):
     def add_router(self) -> None:
         """Add the next task's router over all current experts, warm-started from the last one [8]."""
         self._no_probe("add a router")
-        w = torch.randn(len(self.experts), self.hidden_size) * ROUTER_INIT_STD
+        ref = next(self.experts[0].parameters())
+        w = torch.randn(len(self.experts), self.hidden_size, device=ref.device, dtype=ref.dtype) * ROUTER_INIT_STD
         if len(self.routers):
             prev = self.routers[-1].detach()
             w[: prev.shape[0]] = prev
-        ref = next(self.experts[0].parameters())
-        self.routers.append(nn.Parameter(w.to(ref.device, ref.dtype)))
+        self.routers.append(nn.Parameter(w))
 
     def add_expert(self, task: str, init: ExpertInit = "copy", source: int = 0) -> int:
         """Append an expert owned by `task` (copy of expert `source`, the probe, or random); its index."""
@@ -343,19 +342,15 @@ class CMoEInfo(nn.Module):
     """
 
     def __init__(
-        self, layer_indices: list[int], initial_experts: int, top_k: int, aux_loss_coef: float,
-        single_router: bool, base_path: str | None, base_sha256: str | None,
+        self, initial_experts: int, top_k: int, aux_loss_coef: float, single_router: bool, base_path: str | None,
     ) -> None:
-        from cmoe.model.locator import TaskLocator  # locator has no model deps; imported lazily for clarity
-
         super().__init__()
-        self.layer_indices = layer_indices
         self.initial_experts = initial_experts
         self.top_k = top_k
         self.aux_loss_coef = aux_loss_coef
         self.single_router = single_router
         self.base_path = base_path
-        self.base_sha256 = base_sha256
+        self.base_sha256: str | None = None  # set when loaded from a state directory
         self.tasks: list[str] = []
         self.routing = RoutingState()
         self.locator: TaskLocator = TaskLocator()

@@ -16,7 +16,8 @@ dtypes; each failure names the file and what is wrong. safetensors + JSON only, 
 Saving writes into a temporary sibling directory and renames it into place, so a crash never
 leaves a half-written state. Delta paths are derived from the task name (validated at
 `add_task`), never read from the manifest, so a manifest cannot point outside the directory.
-In single-router mode each task's router file holds the shared router as it was after that task.
+In single-router mode task t's router file holds the current shared router's rows for the experts
+that existed after task t, so the last task's file restores the whole shared router.
 """
 
 from __future__ import annotations
@@ -118,9 +119,13 @@ def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, di
         for e, (origin, expert) in enumerate(zip(layer.expert_origin, layer.experts)):
             if origin == task:
                 experts |= {f"layers.{i}.experts.{e}.{k}": v for k, v in expert.state_dict().items()}
-        routers[f"layers.{i}.router"] = layer.routers[0 if info.single_router else t]
-    # single router: this snapshot is the shared router as of the end of the last task, which is
-    # the only one a load can reproduce; earlier tasks' files keep what they held when written
+        if info.single_router:
+            # the shared router's rows for the experts that existed after task t: shapes replay in
+            # order on load, and the last task's file (the whole current router) is what remains
+            known = {BASE, *info.tasks[: t + 1]}
+            routers[f"layers.{i}.router"] = layer.routers[0][: sum(o in known for o in layer.expert_origin)]
+        else:
+            routers[f"layers.{i}.router"] = layer.routers[t]
     tensors = {"experts": experts, "router": routers}
     if task in info.locator.vaes:
         tensors["locator"] = info.locator.vaes[task].state_dict()
@@ -184,6 +189,13 @@ def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Mo
     return model
 
 
+_REQUIRED = {  # section -> fields every load reads
+    "base": ("path", "copied", "sha256"),
+    "moe": ("layers", "initial_experts", "top_k", "aux_loss_coef", "router"),
+    "locator": ("temperature",),
+}
+
+
 def read_manifest(root: Path) -> dict:
     """The parsed `cmoe.json` of a state directory, with its format version and fields checked."""
     file = root / MANIFEST
@@ -196,12 +208,19 @@ def read_manifest(root: Path) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise StateError(f"{file}: format_version {version!r} is unknown; this cmoe reads {FORMAT_VERSION}")
-    missing = [k for k in ("base", "moe", "locator", "tasks", "experts", "deltas") if k not in manifest]
+    missing = [k for k in ("tasks", "experts", "deltas") if k not in manifest]
+    missing += [f"{section}.{k}" for section, keys in _REQUIRED.items() for k in keys
+                if k not in manifest.get(section, {})]
     if missing:
         raise StateError(f"{file}: missing fields {missing}")
-    no_delta = [t for t in manifest["tasks"] if t not in manifest["deltas"]]
-    if no_delta:
-        raise StateError(f"{file}: tasks {no_delta} have no delta entries")
+    for task in manifest["tasks"]:
+        kinds = manifest["deltas"].get(task, {})
+        if {"experts", "router"} - kinds.keys() or kinds.keys() - set(DELTA_KINDS):
+            raise StateError(f"{file}: task {task!r} needs experts and router deltas (optionally locator), "
+                             f"has {sorted(kinds)}")
+        bad = [kind for kind, entry in kinds.items() if not {"sha256", "tensors"} <= entry.keys()]
+        if bad:
+            raise StateError(f"{file}: task {task!r} deltas {bad} lack sha256 or tensors")
     e0, known = manifest["moe"]["initial_experts"], {BASE, *manifest["tasks"]}
     for layer, origins in manifest["experts"].items():
         if origins[:e0] != [BASE] * e0 or not known.issuperset(origins):

@@ -61,7 +61,7 @@ def convert_to_cmoe(
     layers = decoder_layers(model)
     indices = resolve_layers(cfg.layers, len(layers))
     model.requires_grad_(False)
-    info = CMoEInfo(indices, cfg.initial_experts, cfg.top_k, cfg.aux_loss_coef, single_router, base_path, None)
+    info = CMoEInfo(cfg.initial_experts, cfg.top_k, cfg.aux_loss_coef, single_router, base_path)
     for i in indices:
         dense = layers[i].mlp
         missing = [a for a in _GATED_MLP if not hasattr(dense, a)]

@@ -81,6 +81,17 @@ def test_in_memory_base_is_rebuilt_for_copy_base(tmp_path: Path) -> None:
     assert torch.equal(_logits(loaded, "a"), _logits(model, "a"))
 
 
+def test_single_router_round_trip(tmp_path: Path) -> None:
+    model = convert_to_cmoe(tiny_llava(), MoEConfig(), single_router=True)
+    for task in ("a", "b"):
+        add_task(model, task)
+        add_expert(model, 0, "random")
+        with torch.no_grad():
+            cmoe_layers(model)[0].routers[0].normal_()
+    loaded = load_state(save_state(model, tmp_path / "s", copy_base=True))
+    assert torch.equal(_logits(loaded, "b"), _logits(model, "b"))
+
+
 def _corrupt_byte(state: Path) -> None:
     f = state / "tasks" / "b" / "experts.safetensors"
     data = bytearray(f.read_bytes())
@@ -118,6 +129,7 @@ def _modified_base(state: Path) -> None:
     (_wrong_shape, r"tasks/a/router.safetensors: tensor layers.2.router is \{'shape': \[3, 32\]"),
     (_edit_manifest("format_version", 2), r"cmoe.json: format_version 2 is unknown; this cmoe reads 1"),
     (_modified_base, r"base weights sha256 \w+ differs from the manifest's"),
+    (_edit_manifest("deltas", {}), r"cmoe.json: task 'a' needs experts and router deltas"),
     (lambda s: (s / "tasks" / "a" / "locator.safetensors").unlink(), r"tasks/a/locator.safetensors: delta file missing"),
 ])
 def test_damaged_state_is_refused_clearly(saved, damage, message: str) -> None:  # noqa: ANN001
