@@ -6,7 +6,8 @@ apply_defaults()
 
 import typer  # noqa: E402
 
-from cmoe.cli import base, data  # noqa: E402
+from cmoe.cli import base, data, stages  # noqa: E402
+from cmoe.cli import run as pipeline  # noqa: E402
 
 app = typer.Typer(
     name="cmoe",
@@ -17,3 +18,8 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data", help="Task bundles: synthesise, validate, inspect.")
 app.add_typer(base.app, name="base", help="The frozen vision-language base: build, inspect.")
+app.add_typer(pipeline.review, name="review", help="Candidates and plans awaiting a decision: list, show, approve, reject.")
+for command in (pipeline.run, pipeline.watch, pipeline.rollback, pipeline.predict, pipeline.demo):
+    app.command()(command)
+for command in (stages.probe, stages.expand, stages.evaluate, stages.bench):
+    app.command()(command)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 
 from cmoe.config import CmoeConfig
+from cmoe.data.guard import training_scope
+from cmoe.data.loading import read_task_spec
 from cmoe.model.cmoe_layer import (
     add_expert, add_task, attach_probes, cmoe_info, cmoe_layers, promote_probe, trainable_parameters,
 )
@@ -24,6 +27,8 @@ from cmoe.model.state import save_state
 from cmoe.stages.common import TaskData, load_task, moe_loss, open_lineage
 from cmoe.stages.probe import ProbeReport
 from cmoe.stages.trainer import TrainSpec, train
+
+Variant = Literal["cmoe", "single-router", "seq-ft"]
 
 
 @dataclass
@@ -76,25 +81,38 @@ def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConf
         b = processor.collate(data.encoded[i:i + cfg.eval.batch_size])
         feats.append(locator_features(model, b["input_ids"], b["pixel_values"], b["attention_mask"]))
     vae = fit_task_vae(torch.cat(feats), cfg.locator, seed=cfg.expand.seed)
-    cmoe_info(model).locator.add_task(data.spec.name, vae)
+    locator = cmoe_info(model).locator
+    locator.temperature = cfg.locator.temperature
+    locator.add_task(data.spec.name, vae)
     return {"samples": len(data.encoded), "features": int(feats[0].shape[1]), "wall_s": time.perf_counter() - t0,
             "err_mean": float(vae.err_mean), "err_std": float(vae.err_std)}
 
 
 def run_expand(
-    cfg: CmoeConfig, bundle: str, parent_state: Path | None, probe: ProbeReport, out_dir: Path,
-    *, copy_base: bool = True, single_router: bool = False, with_locator: bool = True,
+    cfg: CmoeConfig, bundle: str, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
+    *, copy_base: bool = True, variant: Variant = "cmoe",
 ) -> ExpandResult:
-    """Grow + train task `bundle` on the lineage at `parent_state`; write the new state to out_dir/state."""
+    """Grow + train task `bundle` on the lineage at `parent_state`; write the new state to out_dir/state.
+
+    `variant` selects the baselines that share this code: "single-router" (one shared router,
+    experts grow by the plan, no locator) and "seq-ft" (no growth: every expert and the shared
+    router are fine-tuned on each task in turn).
+    """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
+    single_router = variant != "cmoe"
     model, processor = open_lineage(cfg, parent_state, single_router=single_router)
-    data = load_task(bundle, "train", processor, cfg, with_answers=True)
-    name = data.spec.name
-    if probe.task != name:
+    history = list(cmoe_info(model).tasks)
+    name = read_task_spec(bundle).name
+    with training_scope(name, history):  # rehearsal-free: older tasks' training data stays closed
+        data = load_task(bundle, "train", processor, cfg, with_answers=True)
+    if probe is not None and probe.task != name:
         raise ValueError(f"probe report is for task {probe.task!r}, bundle {bundle} is {name!r}")
     add_task(model, name)
-    added = grow(model, probe)
+    added = grow(model, probe) if probe is not None else 0
+    if variant == "seq-ft":
+        for layer in cmoe_layers(model).values():
+            layer.experts.requires_grad_(True)
 
     spec = TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
                      seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config,
@@ -102,9 +120,10 @@ def run_expand(
                      desc=f"expand {name}")
     with route(model, None if single_router else [name]):
         model.train()
-        result = train(model, trainable_parameters(model), data.encoded, processor.collate, moe_loss, spec)
+        params = [p for p in model.parameters() if p.requires_grad] if variant == "seq-ft" else trainable_parameters(model)
+        result = train(model, params, data.encoded, processor.collate, moe_loss, spec)
         model.eval()
     model.requires_grad_(False)
-    locator = fit_locator(model, processor, data, cfg) if with_locator else {}
+    locator = fit_locator(model, processor, data, cfg) if variant == "cmoe" else {}
     state = save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True)
     return ExpandResult(name, str(state), added, asdict(result), locator, time.perf_counter() - t0)

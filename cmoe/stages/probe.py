@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +18,10 @@ import torch
 from safetensors.torch import save_file
 
 from cmoe.config import CmoeConfig
+from cmoe.data.bundle import bundle_sha256
+from cmoe.data.guard import training_scope
+from cmoe.data.loading import read_task_spec
+from cmoe.data.storage import fetch_bundle
 from cmoe.model.cmoe_layer import (
     add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, record_routing, trainable_parameters,
 )
@@ -73,10 +76,12 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = open_lineage(cfg, parent_state)
-    data = load_task(bundle, "train", processor, cfg, with_answers=True)
-    name = data.spec.name
-    if name in cmoe_info(model).tasks:
+    history = list(cmoe_info(model).tasks)
+    name = read_task_spec(bundle).name
+    if name in history:
         raise ValueError(f"{bundle}: task {name!r} is already in this lineage; a task is learned once")
+    with training_scope(name, history):  # rehearsal-free: older tasks' training data stays closed
+        data = load_task(bundle, "train", processor, cfg, with_answers=True)
     add_task(model, name)
     fit_idx, held_idx = split_holdout(len(data.encoded), cfg.probe.holdout_fraction, cfg.expand.seed)
     fit = [data.encoded[i] for i in fit_idx]
@@ -160,13 +165,11 @@ def naive_plan(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir:
     """The naive-expand baseline's plan: one new expert in every CMoE layer, no probe."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    model, processor = open_lineage(cfg, parent_state)
-    data = load_task(bundle, "train", processor, cfg, with_answers=False)
+    model, _ = open_lineage(cfg, parent_state)
     plan = {str(i): 1 for i in cmoe_layers(model)}
     report = ProbeReport(
-        task=data.spec.name, bundle_sha256=data.sha256, tau=0.0, scores={}, plan=plan,
-        params_to_add=len(plan) * expert_size(model), est_train_s=time.perf_counter() - t0,
+        task=read_task_spec(bundle).name, bundle_sha256=bundle_sha256(fetch_bundle(bundle, cache_dir=cfg.home / "cache")),
+        tau=0.0, scores={}, plan=plan, params_to_add=len(plan) * expert_size(model), est_train_s=0.0,
         report_json=str(out_dir / "probe.json"), chart_png="", probe_file=None,
     )
     Path(report.report_json).write_text(json.dumps(asdict(report), indent=2))

@@ -1,0 +1,87 @@
+"""`cmoe probe | expand | evaluate | bench`: the continual-learning stages, one command each."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")]
+ParentOpt = Annotated[Path | None, typer.Option("--parent", help="CMoE state to build on (default: the base).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+
+
+def _print(result: object) -> None:
+    console.print_json(json.dumps(asdict(result), default=str))
+
+
+def probe(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3://).")],
+          out: OutOpt, parent: ParentOpt = None, config: ConfigOpt = None) -> None:
+    """PGKE: train probe experts briefly and write the per-layer expansion plan."""
+    from cmoe.config import load_config
+    from cmoe.stages.probe import run_probe
+
+    _print(run_probe(load_config(config), bundle, parent, out))
+
+
+def expand(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3://).")],
+           plan: Annotated[Path, typer.Option("--plan", help="probe.json written by `cmoe probe`.")],
+           out: OutOpt, parent: ParentOpt = None, config: ConfigOpt = None) -> None:
+    """Grow the planned experts, train them + the task router with DeepSpeed, fit the locator."""
+    from cmoe.config import load_config
+    from cmoe.stages.expand import run_expand
+    from cmoe.stages.probe import ProbeReport
+
+    report = ProbeReport(**json.loads(plan.read_text()))
+    _print(run_expand(load_config(config), bundle, parent, report, out))
+
+
+def evaluate(state: Annotated[Path, typer.Argument(help="CMoE state directory.")],
+             tasks: Annotated[str, typer.Option("--tasks", help="Bundles of every task so far, in order, comma-separated.")],
+             out: OutOpt, config: ConfigOpt = None) -> None:
+    """Re-test every task (locator and oracle routing); accuracy row, locator accuracy, params."""
+    from cmoe.config import load_config
+    from cmoe.stages.evaluate import run_evaluate
+
+    _print(run_evaluate(load_config(config), state, tasks.split(","), out, []))
+
+
+def bench(
+    out: OutOpt,
+    suite: Annotated[str | None, typer.Option("--suite", help="Synthetic suite to generate (coin-mini).")] = None,
+    tasks: Annotated[str | None, typer.Option("--tasks", help="Bundles in order, comma-separated.")] = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "cmoe,naive-expand,single-router,seq-ft,joint",
+    base: Annotated[Path | None, typer.Option("--base", help="Base checkpoint (default: build/reuse the tiny base).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic suite.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Train the task sequence with each method and write results.json, results.md and plots."""
+    from cmoe.config import load_config
+    from cmoe.data.synth import synth_suite
+    from cmoe.stages.bench import bundles_in, run_bench
+    from cmoe.stages.pretrain import build_base
+
+    if (suite is None) == (tasks is None):
+        console.print("[red]error:[/] give exactly one of --suite or --tasks")
+        raise typer.Exit(2)
+    cfg = load_config(config)
+    if base is not None:
+        cfg.base.path = str(base)
+    elif cfg.base.path is None:
+        built = build_base(cfg.base, cfg.home / "base", cache_dir=cfg.home / "cache")
+        console.print(f"base: {built.path} ({'reused' if built.reused else f'built in {built.wall_s:.0f} s'})")
+    if suite is not None:
+        folder = out / "suite"
+        if not folder.exists():
+            synth_suite(folder, suite=suite, seed=seed)
+        bundles = bundles_in(folder)
+    else:
+        bundles = tasks.split(",")
+    run_bench(cfg, bundles, [m.strip() for m in methods.split(",")], out)
+    console.print((out / "results.md").read_text())
+    console.print(f"wrote {out / 'results.json'}")

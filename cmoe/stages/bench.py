@@ -1,0 +1,133 @@
+"""`cmoe bench`: train a task sequence with each method in one harness and compare them.
+
+Methods (same base, same trainer, same budget per task, same evaluation):
+- `cmoe`          PGKE probe decides where to grow; one router + one locator VAE per task (PTL).
+- `naive-expand`  one new expert in every CMoE layer per task, no probe; per-task routers + PTL.
+- `single-router` experts grow like naive-expand, but one shared router is trained on every task.
+- `seq-ft`        no growth: the upcycled experts and one shared router are fine-tuned task by task.
+- `joint`         all tasks' training data at once (not rehearsal-free): the upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from cmoe.config import CmoeConfig
+from cmoe.data.loading import read_task_spec
+from cmoe.model.cmoe_layer import add_task, cmoe_layers
+from cmoe.model.routing import route
+from cmoe.model.state import save_state
+from cmoe.stages import metrics
+from cmoe.stages.common import load_task, moe_loss, open_lineage
+from cmoe.stages.evaluate import plot_matrix, run_evaluate
+from cmoe.stages.expand import run_expand
+from cmoe.stages.probe import naive_plan, run_probe
+from cmoe.stages.trainer import TrainSpec, train
+
+METHODS = ("cmoe", "naive-expand", "single-router", "seq-ft", "joint")
+
+
+def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) -> dict:
+    """Learn `bundles` in order with `method`; the results.json entry of that method."""
+    t0 = time.perf_counter()
+    parent: Path | None = None
+    history: list[dict[str, float]] = []
+    report = None
+    for i, bundle in enumerate(bundles):
+        step = out / f"{i + 1:02d}-{read_task_spec(bundle).name}"
+        if method == "cmoe":
+            plan = run_probe(cfg, bundle, parent, step / "probe")
+        elif method in ("naive-expand", "single-router"):
+            plan = naive_plan(cfg, bundle, parent, step / "probe")
+        else:
+            plan = None
+        variant = {"naive-expand": "cmoe", "cmoe": "cmoe"}.get(method, method)
+        expanded = run_expand(cfg, bundle, parent, plan, step / "expand", copy_base=False, variant=variant)
+        report = run_evaluate(cfg, Path(expanded.state_dir), bundles[: i + 1], step / "eval", history)
+        history.append(report.acc)
+        if parent is not None:
+            shutil.rmtree(parent.parent)  # keep only the newest state of the lineage on disk
+        parent = Path(expanded.state_dir)
+    assert report is not None
+    return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0)
+
+
+def run_joint(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
+    """Train every task's data together (the upper bound), then evaluate each task."""
+    t0 = time.perf_counter()
+    model, processor = open_lineage(cfg, None, single_router=True)
+    data = []
+    for bundle in bundles:
+        task = load_task(bundle, "train", processor, cfg, with_answers=True)
+        add_task(model, task.spec.name)
+        data += task.encoded
+    for layer in cmoe_layers(model).values():
+        layer.experts.requires_grad_(True)
+    # One pass over the union costs what the sequential methods spend on all tasks together.
+    spec = TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
+                     seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config, desc="joint")
+    with route(model, None):
+        model.train()
+        train(model, [p for p in model.parameters() if p.requires_grad], data, processor.collate, moe_loss, spec)
+        model.eval()
+    model.requires_grad_(False)
+    state = save_state(model, out / "state", overwrite=True)
+    report = run_evaluate(cfg, state, bundles, out / "eval", [])
+    final = [report.acc[t] for t in report.tasks]
+    matrix = [[None] * len(bundles) for _ in bundles[:-1]] + [final]
+    entry = _entry(matrix, None, report.params_total, [0] * len(bundles), t0)
+    entry.update(bwt=None, forgetting=None, maa=None)  # one training, no sequence: not defined
+    return entry
+
+
+def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
+           params_added: list[int], t0: float) -> dict:
+    return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "bwt": metrics.bwt(matrix),
+            "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "locator_acc": locator_acc,
+            "params_total": params_total, "params_added": params_added, "wall_s": time.perf_counter() - t0}
+
+
+def run_bench(cfg: CmoeConfig, bundles: list[str], methods: list[str], out: Path) -> dict:
+    """Run every method over `bundles`; write results.json, results.md and plots into `out`."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [read_task_spec(b).name for b in bundles]
+    results: dict = {"tasks": tasks, "methods": {}}
+    for method in methods:
+        work = out / "work" / method
+        entry = run_joint(cfg, bundles, work) if method == "joint" else run_sequence(cfg, method, bundles, work)
+        results["methods"][method] = entry
+        plot_matrix(entry["acc_matrix"], tasks, out / f"{method}-accuracy.png")
+        # Write after every method: a long benchmark that stops midway still leaves its results.
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(results_markdown(results))
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    """The comparison table of results.json, as Markdown."""
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.1f}"
+
+    lines = [f"Tasks, in order: {', '.join(results['tasks'])}", "",
+             "| method | Avg % | BWT | Forgetting | MAA % | locator % | params total | params added | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        lines.append(f"| {name} | {f(m['avg_acc'])} | {f(m['bwt'])} | {f(m['forgetting'])} | {f(m['maa'])} | "
+                     f"{f(m['locator_acc'])} | {m['params_total']:,} | {sum(m['params_added']):,} | {m['wall_s']:.0f} |")
+    lines += ["", "Final accuracy per task (%):", "",
+              "| method | " + " | ".join(results["tasks"]) + " |", "|---|" + "---|" * len(results["tasks"])]
+    for name, m in results["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(f(a) for a in m["acc_matrix"][-1]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bundles_in(folder: Path) -> list[str]:
+    """The task bundles of a synthesised suite, in order (the pretraining corpus excluded)."""
+    return [str(p) for p in sorted(Path(folder).glob("[0-9][0-9]-*")) if (p / "task.yaml").is_file()]
