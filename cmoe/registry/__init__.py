@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import cached_property
 from importlib import metadata
@@ -27,11 +28,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from cmoe.config import CmoeConfig
+from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT
 
 Decision = Literal["approved", "rejected", "pending_review"]
 PlanReview = Literal["pending", "approved", "rejected"]
 CHAMPION, CANDIDATE = "champion", "candidate"
-STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
 _MODEL_CODE = Path(__file__).with_name("model_code.py")  # models-from-code: the wrapper is rebuilt, not unpickled
 _NONE = "none"  # tag value of "no parent version"
 _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
@@ -209,9 +210,12 @@ class Registry:
             return int(found[0].version)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        # No input example: MLflow would load the model and predict with it just to check the example.
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(_MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
+                signature=SIGNATURE,
                 pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in _REQUIREMENTS])
         version_tags = {
             "cmoe.key": key, "task": task, "bundle_uri": bundle_uri, "bundle_sha256": bundle_sha256,

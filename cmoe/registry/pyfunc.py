@@ -12,11 +12,17 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, Schema
 from PIL import Image
 
-from cmoe.registry import STATE_ARTIFACT
-
+STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
 OUTPUT_COLUMNS = ["answer", "task", "confidence"]
+# `image` is a path or encoded bytes, so its column type is "any"; MLflow checks the rest.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
+    outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "task"), ColSpec("double", "confidence")]),
+)
 
 
 def to_image(value: Any) -> Image.Image:

@@ -1,0 +1,1 @@
+"""Prefect flows: `continual_task` (one bundle through every stage) and `watch_inbox` (the trigger)."""

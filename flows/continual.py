@@ -1,0 +1,376 @@
+"""Prefect flow `continual_task`: teach the champion one new task, then let the gate decide.
+
+One task bundle goes through five stages, each a Prefect task that calls one plain function of
+`cmoe.stages` and publishes what it found as a Prefect artifact:
+
+    fetch     validate + download the bundle (retried on transient I/O errors)
+    probe     PGKE: which layers need new experts            -> artifact `cmoe-probe`
+    expand    train the new experts, the task router and its locator VAE
+    evaluate  re-test every task learned so far                -> artifact `cmoe-accuracy`
+    gate      register the candidate, approve / reject / ask a reviewer -> artifact `cmoe-decision`
+
+The candidate always builds on the MLflow `champion`. Each stage writes into
+`<home>/runs/<bundle sha256>-<parent>/<stage>/` and marks itself finished with `done.json`, so a
+failed or killed run, started again for the same bundle and champion, resumes at the first stage
+that did not finish. A review pauses the flow run with a `ReviewInput` form (Prefect UI) that
+`cmoe review approve|reject` can also answer; with `review_plan: true` the run also pauses after
+the probe until the expansion plan is approved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from uuid import UUID
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
+from prefect.flow_runs import pause_flow_run, resume_flow_run, suspend_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+
+from cmoe.config import CmoeConfig, load_config
+from cmoe.data.bundle import BundleError
+from cmoe.data.storage import StorageError, fetch_bundle
+from cmoe.data.validate import validate
+from cmoe.registry import Champion, Registry, RegistryError, VersionInfo
+
+T = TypeVar("T")
+DONE = "done.json"  # written last into a stage's folder: the stage finished and this is its result
+
+# Every stage task persists its result as JSON (readable back from the Prefect API) and skips
+# Prefect's input caching: resuming is the job of the stage's own done.json, which survives the
+# loss of the Prefect database and is keyed by what matters (bundle and champion).
+stage_task = partial(task, cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
+
+
+class ReviewInput(RunInput):
+    """A reviewer's answer to a paused run: the form the Prefect UI shows, and what the CLI sends."""
+
+    decision: Literal["approve", "reject"]
+    by: str
+    reason: str
+
+
+@dataclass
+class FetchedBundle:
+    """A valid bundle, available as a local folder."""
+
+    uri: str
+    root: str
+    task: str
+    sha256: str
+
+
+@dataclass
+class GateResult:
+    """The registered candidate and what the automatic gate made of it."""
+
+    version: int
+    outcome: Literal["approve", "reject", "review"]
+    reasons: list[str]
+    metrics: dict[str, Any]
+
+
+@dataclass
+class TaskOutcome:
+    """What one task arrival produced: the version, the decision and the headline metrics."""
+
+    task: str
+    bundle_sha256: str
+    parent_version: int | None
+    version: int | None  # None when the expansion plan was rejected
+    decision: str  # approved / rejected / plan_rejected
+    decided_by: str
+    reason: str
+    acc: dict[str, float]  # per task learned so far, percent
+    avg_acc: float | None
+    bwt: float | None
+    params_added: int
+
+
+# ---------------------------------------------------------------------------- resumable stages
+def stage_key(bundle_sha256: str, parent_version: int | None) -> str:
+    """Identity of one task arrival: the same bundle on the same champion is the same work."""
+    return f"{bundle_sha256[:16]}-v{parent_version or 0}"
+
+
+def resumable(out: Path, result_type: type[T], compute: Callable[[Path], T]) -> T:
+    """Run `compute(out)` unless an earlier run finished it; its `done.json` is the result either way."""
+    done = out / DONE
+    if done.is_file():
+        data = json.loads(done.read_text())
+        return result_type(**{f.name: data[f.name] for f in fields(result_type) if f.init})
+    # Leftovers of an unfinished attempt stay: expansion resumes from its own training checkpoints.
+    out.mkdir(parents=True, exist_ok=True)
+    result = compute(out)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result), indent=2, default=str))
+    os.replace(tmp, done)
+    return result
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures (S3 or a network disk hiccup), never a bundle that is simply invalid."""
+    try:
+        state.result()
+    except BundleError:
+        return False
+    except (StorageError, OSError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is not transient
+        return False
+    return False
+
+
+# ---------------------------------------------------------------------------- stage tasks
+@stage_task(name="fetch", retry_condition_fn=_transient)
+def fetch(uri: str, cache_dir: Path) -> FetchedBundle:
+    """Validate the bundle (downloading an S3 one once); every problem is reported, nothing is trained."""
+    report = validate(uri, cache_dir=cache_dir)
+    report.raise_if_invalid()
+    return FetchedBundle(uri, str(report.root), report.spec.name, report.sha256)
+
+
+@stage_task(name="probe")
+def probe(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, runs: Path, registry: Registry,
+          run_id: str) -> Any:
+    """PGKE: score every CMoE layer with a probe expert and plan where new experts go."""
+    from cmoe.stages.probe import ProbeReport, run_probe
+
+    parent_state = champion.state_dir if champion else None
+    report = resumable(runs / "probe", ProbeReport, lambda out: run_probe(cfg, bundle.root, parent_state, out))
+    registry.log_stage(run_id, "probe", report)
+    create_table_artifact(
+        key="cmoe-probe",
+        table=[{"layer": layer, "share": s.get("share"), "mass": s.get("mass"),
+                "experts_to_add": report.plan.get(layer, 0)}
+               for layer, s in sorted(report.scores.items(), key=lambda item: int(item[0]))],
+        description=f"PGKE probe of **{report.task}** (tau = {report.tau:.3f}): {_plan_line(report)}",
+    )
+    return report
+
+
+@stage_task(name="expand")
+def expand(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, plan: Any, runs: Path,
+           registry: Registry, run_id: str) -> Any:
+    """Train the planned experts, the task's router and its locator VAE; older weights stay frozen."""
+    from cmoe.stages.expand import ExpandResult, run_expand
+
+    parent_state = champion.state_dir if champion else None
+    result = resumable(runs / "expand", ExpandResult,
+                       lambda out: run_expand(cfg, bundle.root, parent_state, plan, out))
+    registry.log_stage(run_id, "expand", result)
+    return result
+
+
+@stage_task(name="evaluate")
+def evaluate(cfg: CmoeConfig, bundle: FetchedBundle, state_dir: str, lineage: list[VersionInfo], runs: Path,
+             registry: Registry, run_id: str) -> Any:
+    """Re-test every task learned so far (test splits only) with locator routing."""
+    from cmoe.stages.evaluate import EvalReport, run_evaluate
+
+    cache = cfg.home / "cache"
+    bundles = [str(fetch_bundle(v.bundle_uri, cache_dir=cache)) for v in lineage] + [bundle.root]
+    history = [v.acc for v in lineage]
+    report = resumable(runs / "evaluate", EvalReport,
+                       lambda out: run_evaluate(cfg, Path(state_dir), bundles, out, history))
+    registry.log_stage(run_id, "evaluate", report)
+    create_markdown_artifact(key="cmoe-accuracy", markdown=accuracy_markdown(report, lineage),
+                             description=f"Accuracy matrix after {bundle.task}")
+    return report
+
+
+@stage_task(name="gate")
+def gate(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, key: str, expanded: Any,
+         report: Any, summary: dict[str, Any], runs: Path, registry: Registry, run_id: str) -> GateResult:
+    """Apply the gate policy and register the candidate as a model version (alias `candidate`)."""
+    from cmoe.stages.gate import decide
+
+    def register(out: Path) -> GateResult:
+        decision = decide(cfg.gate, report, champion.acc if champion else None, expanded.params_added)
+        version = registry.register_candidate(
+            run_id, Path(expanded.state_dir), key=key, task=bundle.task, bundle_uri=bundle.uri,
+            bundle_sha256=bundle.sha256, parent_version=champion.version if champion else None,
+            acc=report.acc, metrics=summary, gate=decision.metrics, tags={"prefect_flow_run_id": str(flow_run.id)})
+        return GateResult(version, decision.outcome, decision.reasons, decision.metrics)
+
+    result = resumable(runs / "gate", GateResult, register)
+    registry.log_stage(run_id, "gate", result)
+    return result
+
+
+# ---------------------------------------------------------------------------- the flow
+# No log_prints: it would capture the stdout that dill (hashing `datasets` map functions) reads back.
+@flow(name="continual-task", persist_result=True, result_serializer="json")
+def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutcome:
+    """Learn the task in `bundle_uri` on top of the champion, then approve, reject or ask a reviewer."""
+    cfg = load_config(config_path)
+    registry = Registry(cfg)
+    bundle = fetch.with_options(retries=cfg.flow.fetch_retries, retry_delay_seconds=cfg.flow.retry_delay_s)(
+        bundle_uri, cfg.home / "cache")
+
+    # The candidate builds on the champion; the pair (bundle, champion) names this arrival's work.
+    champion = registry.champion()
+    parent = champion.version if champion else None
+    lineage = registry.lineage(parent) if parent is not None else []
+    if learned := next((v for v in lineage if v.bundle_sha256 == bundle.sha256), None):
+        raise ValueError(f"{bundle.uri}: already learned by v{learned.version} ({learned.task}), "
+                         f"which the champion v{parent} builds on: nothing to do")
+    key = stage_key(bundle.sha256, parent)
+    runs = cfg.home / "runs" / key
+    run_id = registry.start_task_run(key, bundle.task, bundle.sha256, parent, cfg.model_dump(mode="json"),
+                                     tags={"prefect_flow_run_id": str(flow_run.id)})
+    try:
+        plan = probe(cfg, bundle, champion, runs, registry, run_id)
+        if cfg.gate.review_plan:
+            verdict = resumable(runs / "plan-review", ReviewedPlan,
+                                lambda _: review_plan(cfg, registry, run_id, plan))
+            if verdict.decision == "reject":
+                registry.end_task_run(run_id)
+                return TaskOutcome(bundle.task, bundle.sha256, parent, None, "plan_rejected", verdict.by,
+                                   verdict.reason, {}, None, None, 0)
+        expanded = expand(cfg, bundle, champion, plan, runs, registry, run_id)
+        report = evaluate(cfg, bundle, expanded.state_dir, lineage, runs, registry, run_id)
+        summary = {"avg_acc": report.avg_acc, "bwt": report.bwt, "forgetting": report.forgetting,
+                   "locator_acc": report.locator_acc, "params_added": expanded.params_added}
+        registry.log_summary(run_id, {"acc": report.acc, **summary})
+        result = gate(cfg, bundle, champion, key, expanded, report, summary, runs, registry, run_id)
+        info = settle(cfg, registry, result, review_markdown(result, report, lineage))
+    except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
+        registry.end_task_run(run_id, failed=True)
+        raise
+    registry.end_task_run(run_id)
+    outcome = TaskOutcome(bundle.task, bundle.sha256, parent, info.version, info.decision, info.decided_by,
+                          info.reason, report.acc, report.avg_acc, report.bwt, expanded.params_added)
+    create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result),
+                             description=f"Gate decision on {bundle.task}")
+    return outcome
+
+
+# ---------------------------------------------------------------------------- decisions and reviews
+@dataclass
+class ReviewedPlan:
+    """A reviewer's answer on an expansion plan (stored so a resumed run does not ask again)."""
+
+    decision: str
+    by: str
+    reason: str
+
+
+def review_plan(cfg: CmoeConfig, registry: Registry, run_id: str, plan: Any) -> ReviewedPlan:
+    """Pause until a reviewer approves or rejects the probe's expansion plan; nothing is trained before."""
+    registry.set_plan_review(run_id, "pending")
+    registry.tag_run(run_id, {"prefect_flow_run_name": str(flow_run.name)})
+    answer = wait_for_review(cfg, "plan", f"## Expansion plan for {plan.task}\n\n{_plan_line(plan)}\n\n"
+                             f"Approve to train it: `cmoe review approve {flow_run.name} --by NAME --reason TEXT`")
+    registry.set_plan_review(run_id, f"{answer.decision}d", answer.by, answer.reason)
+    return ReviewedPlan(answer.decision, answer.by, answer.reason)
+
+
+def settle(cfg: CmoeConfig, registry: Registry, result: GateResult, review: str) -> VersionInfo:
+    """Record the gate's decision, or pause for a reviewer's; a version decided earlier stays as it is."""
+    info = registry.version(result.version)
+    if info.decision != "pending_review":
+        return info
+    if result.outcome != "review":
+        return registry.decide_version(result.version, "approved" if result.outcome == "approve" else "rejected",
+                                       "gate", "; ".join(result.reasons))
+    registry.tag_version(result.version, {"prefect_flow_run_id": str(flow_run.id)})
+    answer = wait_for_review(cfg, "review", review)
+    return registry.decide_version(result.version, "approved" if answer.decision == "approve" else "rejected",
+                                   answer.by, answer.reason)
+
+
+def wait_for_review(cfg: CmoeConfig, key: str, description: str) -> ReviewInput:
+    """Wait for a reviewer: pause (the process waits) or, for deployed runs, suspend (the worker is freed)."""
+    form = ReviewInput.with_initial_data(description=description, decision="approve")
+    if cfg.flow.suspend_reviews and flow_run.deployment_id:
+        # The run exits now and is started again on resume: done.json markers skip straight back here.
+        return suspend_flow_run(wait_for_input=form, timeout=cfg.flow.review_timeout_s, key=key)
+    return pause_flow_run(wait_for_input=form, timeout=cfg.flow.review_timeout_s,
+                          poll_interval=cfg.flow.review_poll_s, key=key)
+
+
+def submit_review(registry: Registry, ref: str, decision: Literal["approve", "reject"], by: str, reason: str,
+                  wait_s: float = 60.0) -> str:
+    """Answer a review from outside the flow: resume the waiting run, or record it directly if none waits.
+
+    `ref` is a version number, or the flow-run name of a run paused on its expansion plan.
+    Returns a one-line account of what happened.
+    """
+    answer = {"decision": decision, "by": by, "reason": reason}
+    if not ref.isdigit():
+        plan = next((p for p in registry.pending_plans() if ref in (p.tags.get("prefect_flow_run_name"),
+                                                                     p.tags.get("prefect_flow_run_id"))), None)
+        if plan is None:
+            raise RegistryError(f"no expansion plan awaits review under {ref!r} (see `cmoe review list`)")
+        if not _resume(UUID(plan.tags["prefect_flow_run_id"]), answer):
+            raise RegistryError(f"flow run {ref} no longer waits for its plan review: run its bundle again")
+        return f"plan of {plan.task}: {decision} sent to flow run {ref}"
+    version = int(ref)
+    info = registry.check_decision(version, "approved" if decision == "approve" else "rejected")
+    run = info.tags.get("prefect_flow_run_id")
+    if not (run and _resume(UUID(run), answer)):
+        # No run is waiting (it timed out, was killed, or ran without an API): record it here.
+        info = registry.decide_version(version, "approved" if decision == "approve" else "rejected", by, reason)
+        return f"version {version}: {info.decision} (recorded directly; no flow run was waiting)"
+    deadline = time.monotonic() + wait_s
+    while (info := registry.version(version)).decision == "pending_review" and time.monotonic() < deadline:
+        time.sleep(1)
+    if info.decision == "pending_review":
+        return f"version {version}: {decision} sent to flow run {run}; it records the decision when it resumes"
+    return f"version {version}: {info.decision} by {info.decided_by} (flow run {run} resumed)"
+
+
+def _resume(flow_run_id: UUID, answer: dict[str, str]) -> bool:
+    """Send the answer to a paused run; False when that run is not waiting (unknown, finished, timed out)."""
+    try:
+        resume_flow_run(flow_run_id, run_input=answer)
+    except (ObjectNotFound, NotPausedError, FlowPauseTimeout):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- reports
+def _plan_line(plan: Any) -> str:
+    layers = ", ".join(f"layer {layer} +{n}" for layer, n in sorted(plan.plan.items()) if n) or "no new experts"
+    return f"{layers}; {plan.params_to_add:,} params to add, about {plan.est_train_s:.0f} s of training"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def accuracy_markdown(report: Any, lineage: list[VersionInfo]) -> str:
+    """The accuracy matrix: one row per step of the lineage (the champion's ancestors, then the candidate)."""
+    names = [f"v{v.version}" for v in lineage] + ["candidate"]
+    lines = ["| after | " + " | ".join(report.tasks) + " |", "|---|" + "---|" * len(report.tasks)]
+    lines += [f"| {name} ({task}) | " + " | ".join(_fmt(x) for x in row) + " |"
+              for name, task, row in zip(names, report.tasks, report.matrix)]
+    lines += ["", f"**Avg** {_fmt(report.avg_acc)}, **BWT** {_fmt(report.bwt)}, "
+                  f"**forgetting** {_fmt(report.forgetting)}, **locator accuracy** {_fmt(report.locator_acc)}"]
+    return "\n".join(lines)
+
+
+def review_markdown(result: GateResult, report: Any, lineage: list[VersionInfo]) -> str:
+    """What a reviewer sees in the pause form: the matrix, the gate's reasons and how to answer."""
+    reasons = "\n".join(f"- {r}" for r in result.reasons) or "- (none)"
+    return (f"## Candidate v{result.version}: {report.tasks[-1]}\n\n{accuracy_markdown(report, lineage)}\n\n"
+            f"Gate ({result.outcome}):\n{reasons}\n\n"
+            f"Answer here, or: `cmoe review approve {result.version} --by NAME --reason TEXT` (or `reject`).")
+
+
+def decision_markdown(outcome: TaskOutcome, result: GateResult) -> str:
+    """The decision artifact: version, decision, who and why, and the gate's metrics."""
+    metrics = "\n".join(f"- {k}: {v}" for k, v in result.metrics.items())
+    return (f"## {outcome.task}: v{outcome.version} {outcome.decision}\n\n"
+            f"by **{outcome.decided_by}**: {outcome.reason}\n\nGate outcome `{result.outcome}`\n\n{metrics}")

@@ -1,0 +1,112 @@
+"""Orchestration fixtures: one Prefect API per session, a tiny two-task suite with its base, local S3."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+# Prefect reads its settings when first imported: this session gets its own home.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cmoe-prefect-home-")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from cmoe.config import CmoeConfig  # noqa: E402
+
+T = TypeVar("T")
+STARTUP_S = 180  # the API's first start takes ~30 s on 2 busy cores; Prefect's default gives up at 20
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """A real Prefect API (SQLite) for the whole session: pauses, resumes and flow-run queries need one."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=STARTUP_S):
+        yield
+
+
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The first two bundles of a tiny coin-mini (64 train / 16 test rows each)."""
+    from cmoe.data.synth import synth_suite
+
+    return synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)[:2]
+
+
+@pytest.fixture(scope="session")
+def base_dir(suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny pretrained base shared by every test home (built once per session)."""
+    from cmoe.config import tiny_test_config
+    from cmoe.stages.pretrain import build_base
+
+    home = tmp_path_factory.mktemp("base")
+    return Path(build_base(tiny_test_config(home).base, home / "base", corpus=suite[0].parent / "pretrain",
+                           cache_dir=home / "cache").path)
+
+
+@pytest.fixture
+def write_config(base_dir: Path, tmp_path: Path) -> Callable[..., str]:
+    """write_config(name, inbox=None, **gate) -> path of a tiny YAML config whose home is tmp_path/home."""
+    from cmoe.config import tiny_test_config
+
+    def write(name: str, inbox: str | None = None, **gate: Any) -> str:
+        cfg: CmoeConfig = tiny_test_config(tmp_path / "home")
+        cfg.base.path = str(base_dir)
+        cfg.inbox = inbox
+        cfg.flow.review_poll_s = 1  # a paused run notices the answer within a second
+        for field, value in gate.items():
+            setattr(cfg.gate, field, value)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        return str(path)
+
+    return write
+
+
+@pytest.fixture
+def cli() -> Callable[..., str]:
+    """cli(*args) -> output of `cmoe args...`; fails the test on a non-zero exit."""
+    from cmoe.cli import app
+
+    def invoke(*args: str) -> str:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, f"cmoe {' '.join(args)} -> {result.exit_code}\n{result.output}{result.exception!r}"
+        return result.output
+
+    return invoke
+
+
+def wait_for(probe: Callable[[], T], timeout: float = 300.0, what: str = "condition") -> T:
+    """Poll `probe()` once a second until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f} s")
+        time.sleep(1)
+    return value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A local S3 endpoint (moto server on a free port) with dummy credentials, as tests/data uses."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(key, raising=False)
+        for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                           ("AWS_DEFAULT_REGION", "us-east-1"), ("CMOE_S3_ENDPOINT_URL", f"http://{host}:{port}")):
+            mp.setenv(key, value)
+        yield f"http://{host}:{port}"
+    server.stop()

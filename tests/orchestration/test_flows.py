@@ -1,0 +1,124 @@
+"""The real flows on a tiny two-task suite: watcher (S3 inbox), review approve/reject, resume after a failure."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cmoe.config import load_config
+from cmoe.registry import Registry
+
+from .conftest import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """Run a flow in a thread (with this context's Prefect settings) while the test acts as reviewer."""
+    return ThreadPoolExecutor(max_workers=1).submit(contextvars.copy_context().run, fn, *args)
+
+
+def flow_runs(flow_name: str) -> list[Any]:
+    """Every run of one flow recorded by the session's Prefect API."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, calls: dict[str, int]) -> None:
+    """Count the calls of a stage function (the flow imports stages lazily, so the patch is seen)."""
+    real = getattr(module, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_watcher_runs_each_new_s3_bundle_once(suite: list[Path], s3_endpoint: str, write_config: Callable[..., str],
+                                              cli: Callable[..., str]) -> None:
+    """Two watcher runs over an S3 inbox start one `continual-task` per bundle, in arrival order."""
+    from cmoe.data.storage import s3_client, upload_bundle
+    from flows.watch import watch_inbox
+
+    s3_client().create_bucket(Bucket="inbox")
+    for bundle in suite:  # uploaded in order: task.yaml last, so arrival order = suite order
+        upload_bundle(bundle, f"s3://inbox/new/{bundle.name}/")
+    config = write_config("auto", inbox="s3://inbox/new/", min_new_task_acc=0.0, max_forgetting=100.0,
+                          max_avg_drop=100.0, min_locator_acc=0.0)
+
+    first, second = watch_inbox(config), watch_inbox(config)
+    names = [b.name.split("-", 1)[1] for b in suite]
+    assert [o.task for o in first] == names and second == []
+    started = [r for r in flow_runs("continual-task") if r.parameters["bundle_uri"].startswith("s3://inbox/new/")]
+    assert len(started) == 2
+
+    registry = Registry(load_config(config))
+    assert [(v.task, v.decision, v.decided_by) for v in registry.versions()] == [
+        (names[0], "approved", "gate"), (names[1], "approved", "gate")]
+    assert registry.champion().version == 2 and [v.version for v in registry.lineage(2)] == [1, 2]
+    assert set(registry.version(2).acc) == set(names) and "bwt" in registry.version(2).metrics
+
+    image = next((suite[0] / "test").rglob("*.png"))
+    out = cli("predict", "--image", str(image), "--question", "what color is the shape?", "--config", config)
+    assert "task" in out and "confidence" in out
+
+
+def test_review_approve_reject_and_resume(suite: list[Path], write_config: Callable[..., str],
+                                          cli: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan + version approved through `cmoe review`; a failed evaluation resumes there; a reject keeps the champion."""
+    import cmoe.stages.evaluate as evaluate
+    import cmoe.stages.expand as expand
+    import cmoe.stages.probe as probe
+    from flows.continual import continual_task
+
+    with_plan = write_config("plan", require_review=True, review_plan=True)
+    review = write_config("review", require_review=True)
+    registry = Registry(load_config(review))
+
+    # Task 1: the run pauses on its expansion plan, then on the candidate; both approved from the CLI.
+    run = in_background(continual_task, str(suite[0]), with_plan)
+    plan = wait_for(registry.pending_plans, what="plan review")[0]
+    name = plan.tags["prefect_flow_run_name"]
+    assert name in cli("review", "list", "--config", review)
+    cli("review", "approve", name, "--by", "ann", "--reason", "plan is small", "--config", review)
+    wait_for(registry.pending_reviews, what="candidate review")
+    assert "approved" in cli("review", "approve", "1", "--by", "ann", "--reason", "no forgetting", "--config", review)
+    outcome = run.result(timeout=300)
+    assert (outcome.version, outcome.decision, outcome.decided_by) == (1, "approved", "ann")
+    assert registry.champion().version == 1
+
+    # Task 2: evaluation fails once; the re-run resumes at evaluation (probe and expansion are not redone).
+    calls = {"run_probe": 0, "run_expand": 0}
+    count_calls(monkeypatch, probe, "run_probe", calls)
+    count_calls(monkeypatch, expand, "run_expand", calls)
+    real_evaluate = evaluate.run_evaluate
+
+    def fail_once(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(evaluate, "run_evaluate", real_evaluate)
+        raise RuntimeError("injected evaluation failure")
+
+    monkeypatch.setattr(evaluate, "run_evaluate", fail_once)
+    with pytest.raises(RuntimeError, match="injected"):
+        continual_task(str(suite[1]), review)
+    run = in_background(continual_task, str(suite[1]), review)
+    wait_for(registry.pending_reviews, what="candidate review")
+    assert calls == {"run_probe": 1, "run_expand": 1}
+
+    # Rejected from the CLI: the champion stays, the decision is recorded on the version.
+    cli("review", "reject", "2", "--by", "bob", "--reason", "forgets task 1", "--config", review)
+    outcome = run.result(timeout=300)
+    assert (outcome.version, outcome.decision) == (2, "rejected")
+    assert registry.champion().version == 1
+    v2 = registry.version(2)
+    assert (v2.decision, v2.decided_by, v2.reason, v2.parent_version) == ("rejected", "bob", "forgets task 1", 1)
+    assert "nothing waits" in cli("review", "list", "--config", review)
+    assert "rejected by bob" in cli("review", "show", "2", "--config", review)
