@@ -101,8 +101,8 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
             _forward_all(model, processor, held, cfg.probe.batch_size)
     raw = probe_scores(model)
 
-    scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts - 1, "tokens": s.tokens,
-                  "tau": threshold(cfg, s.num_experts - 1)} for i, s in raw.items()}
+    scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
+                  "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
     plan = make_plan(cfg, scores)
     per_expert = expert_size(model)
     params_to_add = sum(plan.values()) * per_expert
