@@ -75,7 +75,8 @@ class ExpandConfig(_Section):
     epochs: int = Field(3, ge=1)
     lr: float = 2e-3
     batch_size: int = 32
-    deepspeed_config: str = "infra/deepspeed/zero0_cpu.json"
+    # A JSON path, a file name in infra/deepspeed/, or "zeroN": the CPU fp32 or GPU bf16 variant by device.
+    deepspeed_config: str = "zero0"
     checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints
     seed: int = 0
 
