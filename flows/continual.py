@@ -293,8 +293,8 @@ def settle(cfg: CmoeConfig, registry: Registry, result: GateResult, review: str)
 def wait_for_review(cfg: CmoeConfig, key: str, description: str) -> ReviewInput:
     """Wait for a reviewer: pause (the process waits) or, for deployed runs, suspend (the worker is freed)."""
     form = ReviewInput.with_initial_data(description=description, decision="approve")
-    if cfg.flow.suspend_reviews and flow_run.deployment_id:
-        # The run exits now and is started again on resume: done.json markers skip straight back here.
+    if cfg.flow.suspend_reviews and flow_run.deployment_id and not flow_run.parent_flow_run_id:
+        # The run exits now and its deployment starts it again on resume: done.json skips straight back here.
         return suspend_flow_run(wait_for_input=form, timeout=cfg.flow.review_timeout_s, key=key)
     return pause_flow_run(wait_for_input=form, timeout=cfg.flow.review_timeout_s,
                           poll_interval=cfg.flow.review_poll_s, key=key)

@@ -20,7 +20,8 @@ from rich.table import Table
 
 from cmoe.config import CmoeConfig, ConfigError, load_config
 
-console = Console()
+# Tables stay readable when the output goes to a file or a CI log (rich would assume 80 columns).
+console = Console(width=max(Console().width, 110))
 review = typer.Typer(no_args_is_help=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")]
@@ -222,8 +223,10 @@ def demo(
     if champion:
         final = registry.version(champion)
         console.print(f"champion v{champion}: Avg {final.metrics.get('avg_acc', float('nan')):.1f} %, "
-                      f"BWT {final.metrics.get('bwt', float('nan')):+.2f} points "
-                      f"(backward transfer: negative = forgetting)")
+                      f"BWT {final.metrics.get('bwt', float('nan')):+.2f} points (backward transfer: "
+                      f"below 0 = old tasks forgotten), params added per task: "
+                      + ", ".join(f"{v.task} {int(v.metrics.get('params_added', 0)):,}"
+                                  for v in registry.lineage(champion)))
     _print_ui_commands(cfg, registry.tracking_uri)
     if not champion:
         raise typer.Exit(1)
@@ -244,16 +247,17 @@ def _deliver(bundle: Path, inbox: str, upload) -> None:  # noqa: ANN001 - upload
 
 
 def _matrix(versions: list) -> Table:  # noqa: ANN001 - list[VersionInfo]
-    """Accuracy matrix (one row per version, one column per task) with BWT, params added, decision."""
+    """Accuracy matrix (row: version, column: task T1..Tn) with Avg, BWT, params added and the decision."""
     tasks = list(dict.fromkeys(t for v in versions for t in v.acc))
-    table = Table("version", "task", *tasks, "Avg", "BWT", "params added", "decision", title="accuracy (%)")
+    table = Table("version", "task", *(f"T{i + 1}" for i in range(len(tasks))), "Avg", "BWT", "params added",
+                  "decision", title="accuracy (%) of every task learned so far",
+                  caption="  ".join(f"T{i + 1} = {t}" for i, t in enumerate(tasks)))
     for v in versions:
         m = v.metrics
         table.add_row(
             f"v{v.version}", v.task, *(f"{v.acc[t]:.1f}" if t in v.acc else "" for t in tasks),
-            f"{m['avg_acc']:.1f}" if "avg_acc" in m else "", f"{m['bwt']:+.2f}" if "bwt" in m else "",
-            f"{int(m['params_added']):,}" if "params_added" in m else "",
-            f"{v.decision}" + (f" ({v.decided_by})" if v.decided_by else ""))
+            f"{m['avg_acc']:.1f}" if "avg_acc" in m else "", f"{m['bwt']:+.1f}" if "bwt" in m else "",
+            f"{int(m['params_added']):,}" if "params_added" in m else "", f"{v.decision} ({v.decided_by})")
     return table
 
 
