@@ -68,6 +68,7 @@ def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cach
         card = out / CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
             saved = json.loads(card.read_text())
+            saved.pop("config", None)  # the card also records the config; not a result field
             return BaseBuildResult(**{**saved, "reused": True, "train": None, "wall_s": time.perf_counter() - t0})
 
         train_rows = load_split(str(corpus), "train", cache_dir=cache_dir)
