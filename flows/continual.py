@@ -200,7 +200,8 @@ def gate(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, key:
         version = registry.register_candidate(
             run_id, Path(expanded.state_dir), key=key, task=bundle.task, bundle_uri=bundle.uri,
             bundle_sha256=bundle.sha256, parent_version=champion.version if champion else None,
-            acc=report.acc, metrics=summary, gate=decision.metrics, tags={"prefect_flow_run_id": str(flow_run.id)})
+            acc=report.acc, metrics=summary, gate=decision.metrics,
+            tags={"prefect_flow_run_id": str(flow_run.id)})
         return GateResult(version, decision.outcome, decision.reasons, decision.metrics)
 
     result = resumable(runs / "gate", GateResult, register)

@@ -180,11 +180,12 @@ def predict(
 ) -> None:
     """Answer a question about an image with a registered model (its MLflow pyfunc)."""
     cfg, _ = _setup(config)
-    from mlflow.exceptions import MlflowException
+    from cmoe.registry import RegistryError
 
     try:
-        row = _registry(cfg).predict(model or f"models:/{cfg.registry.model_name}@champion", [str(image)], [question])[0]
-    except MlflowException as err:
+        uri = model or f"models:/{cfg.registry.model_name}@champion"
+        row = _registry(cfg).predict(uri, [str(image)], [question])[0]
+    except RegistryError as err:
         raise _fail(err) from None
     console.print(f"{row['answer']}  (task {row['task']}, confidence {row['confidence']:.2f})")
 
@@ -211,7 +212,8 @@ def demo(
     if cfg.base.path is None:
         console.print("building the base (cached after the first run) …")
         base = build_base(cfg.base, cfg.home / "base", corpus=suite / "pretrain", cache_dir=cfg.home / "cache")
-        console.print(f"base {'reused' if base.reused else 'built'}: {base.params_total:,} params ({base.wall_s:.0f} s)")
+        console.print(f"base {'reused' if base.reused else 'built'}: {base.params_total:,} params "
+                      f"({base.wall_s:.0f} s)")
     try:
         watch_inbox(config_path, inbox)
     except Exception as err:  # noqa: BLE001 - report what was learned anyway

@@ -329,7 +329,10 @@ class Registry:
 
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
-        model = mlflow.pyfunc.load_model(model_uri)
+        try:
+            model = mlflow.pyfunc.load_model(model_uri)
+        except MlflowException as err:  # e.g. no champion yet
+            raise RegistryError(f"cannot load {model_uri} from {self.tracking_uri}: {err.message}") from None
         return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
 
     def champion(self) -> Champion | None:

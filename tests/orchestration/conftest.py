@@ -77,7 +77,8 @@ def cli() -> Callable[..., str]:
 
     def invoke(*args: str) -> str:
         result = CliRunner().invoke(app, list(args))
-        assert result.exit_code == 0, f"cmoe {' '.join(args)} -> {result.exit_code}\n{result.output}{result.exception!r}"
+        command = "cmoe " + " ".join(args)
+        assert result.exit_code == 0, f"{command}: exit {result.exit_code}\n{result.output}{result.exception!r}"
         return result.output
 
     return invoke

@@ -1,0 +1,35 @@
+"""The registry is the only MLflow code and knows nothing of Prefect; the flows hold no ML code."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module a source file imports (lazily or not)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_registry_imports_no_prefect() -> None:
+    # A fresh interpreter: in this one, other tests may already have imported Prefect.
+    check = "import sys, cmoe.registry; print(sorted(n for n in sys.modules if n.startswith('prefect')))"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_flows_and_cli_reach_mlflow_only_through_the_registry_and_train_nothing() -> None:
+    for path in [*(ROOT / "flows").glob("*.py"), ROOT / "cmoe" / "cli" / "run.py"]:
+        top = {m.split(".")[0] for m in imported_modules(path)}
+        assert not top & {"mlflow", "torch", "deepspeed"}, path
+        assert not any(m.startswith("cmoe.model") for m in imported_modules(path)), path
