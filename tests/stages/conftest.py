@@ -1,0 +1,101 @@
+"""Stage fixtures: one tiny two-task suite, one tiny base and one two-task lineage per test session.
+
+Everything expensive is built once (session scope) and shared read-only; a test that writes gets
+its own home through `make_cfg`. Sizes come from `tiny_test_config`: every stage runs in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from cmoe.env import apply_defaults
+
+apply_defaults()  # offline Hugging Face, no telemetry: as the CLI runs
+
+import pytest  # noqa: E402
+
+from cmoe.config import CmoeConfig, tiny_test_config  # noqa: E402
+
+
+def stage_config(home: Path, base: Path, **sections: dict) -> CmoeConfig:
+    """tiny_test_config at `home`, on the shared base, with `sections` = {"probe": {"tau": 0.0}, ...} applied."""
+    cfg = tiny_test_config(home)
+    cfg.base.path = str(base)
+    for section, fields in sections.items():
+        for key, value in fields.items():
+            setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under `root`."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def suite(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The first two coin-mini bundles (64 train / 16 test rows each) of a tiny synthetic suite."""
+    from cmoe.data.synth import synth_suite
+
+    paths = synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)
+    return [str(p) for p in paths[:2]]
+
+
+@pytest.fixture(scope="session")
+def base_dir(suite: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pretrained base, built once per session from the suite's pretraining corpus."""
+    from cmoe.stages.pretrain import build_base
+
+    home = tmp_path_factory.mktemp("base-home")
+    built = build_base(tiny_test_config(home).base, home / "base", corpus=Path(suite[0]).parent / "pretrain",
+                       cache_dir=home / "cache")
+    return Path(built.path)
+
+
+@pytest.fixture
+def make_cfg(base_dir: Path, tmp_path: Path) -> Callable[..., CmoeConfig]:
+    """make_cfg(probe={...}, gate={...}) -> a tiny config with its own home under tmp_path."""
+    return lambda **sections: stage_config(tmp_path / "home", base_dir, **sections)
+
+
+@dataclass
+class Lineage:
+    """Two tasks learned in order; task 1 grows 2 experts in layer 0, task 2 one in layer 1."""
+
+    cfg: CmoeConfig
+    bundles: list[str]
+    names: list[str]
+    probes: list  # ProbeReport per task, with the plan above
+    expands: list  # ExpandResult per task
+
+    def state(self, i: int) -> Path:
+        return Path(self.expands[i].state_dir)
+
+
+PLANS = ({"0": 2}, {"1": 1})  # fixed plans: the expansion must follow exactly what it is given
+
+
+@pytest.fixture(scope="session")
+def lineage(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Lineage:
+    """Probe + expand task 1 on the base, then task 2 on task 1's state (read-only for tests)."""
+    from cmoe.stages.expand import run_expand
+    from cmoe.stages.probe import expert_size, run_probe
+    from cmoe.stages.common import open_lineage
+
+    root = tmp_path_factory.mktemp("lineage")
+    cfg = stage_config(root / "home", base_dir)
+    size = expert_size(open_lineage(cfg, None)[0])
+    parent, probes, expands, names = None, [], [], []
+    for i, (bundle, plan) in enumerate(zip(suite, PLANS)):
+        probe = run_probe(cfg, bundle, parent, root / f"{i}" / "probe")
+        probe = replace(probe, plan=plan, params_to_add=sum(plan.values()) * size)
+        expanded = run_expand(cfg, bundle, parent, probe, root / f"{i}" / "expand")
+        probes.append(probe)
+        expands.append(expanded)
+        names.append(probe.task)
+        parent = Path(expanded.state_dir)
+    return Lineage(cfg, list(suite), names, probes, expands)

@@ -1,0 +1,100 @@
+"""PGKE probe: per-layer scores, the uniform-share threshold, the plan it implies, its files, no side effects."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cmoe.config import CmoeConfig
+from cmoe.model.cmoe_layer import cmoe_layers
+from cmoe.stages.common import open_lineage
+from cmoe.stages.probe import ProbeReport, make_plan, run_probe, threshold
+
+from .conftest import Lineage, tree_digest
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def probe_run(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CmoeConfig, ProbeReport]:
+    """Task 1 probed on the freshly upcycled base with the default threshold."""
+    from .conftest import stage_config
+
+    root = tmp_path_factory.mktemp("probe")
+    cfg = stage_config(root / "home", base_dir)
+    return cfg, run_probe(cfg, suite[0], None, root / "out")
+
+
+def test_report_scores_every_cmoe_layer(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
+    cfg, report = probe_run
+    layers = cmoe_layers(open_lineage(cfg, None)[0])
+    assert sorted(report.scores) == sorted(str(i) for i in layers)
+    for s in report.scores.values():
+        assert 0.0 <= s["share"] <= 1.0 and 0.0 <= s["mass"] <= 1.0
+        assert s["experts"] == cfg.moe.initial_experts and s["tokens"] > 0
+
+
+def test_default_tau_is_the_uniform_share_with_the_probe_counted(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
+    cfg, report = probe_run
+    k, e = cfg.moe.top_k, cfg.moe.initial_experts
+    assert report.tau == pytest.approx(k / (e + 1))
+    assert all(s["tau"] == pytest.approx(k / (e + 1)) for s in report.scores.values())
+
+
+def test_the_plan_is_exactly_the_layers_at_or_above_tau(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
+    cfg, report = probe_run
+    expected = {layer for layer, s in report.scores.items() if s["share"] >= s["tau"]}
+    assert set(report.plan) == expected
+    assert all(n in (1, 2) for n in report.plan.values())
+
+
+def test_report_json_chart_and_probe_weights_are_written(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
+    _, report = probe_run
+    assert json.loads(Path(report.report_json).read_text()) == json.loads(json.dumps(asdict(report)))
+    assert Path(report.chart_png).read_bytes()[:8] == PNG_MAGIC
+    tensors = load_file(report.probe_file)
+    for layer in report.scores:  # a trained probe and the task router (probe column included) per layer
+        assert f"{layer}.router" in tensors
+        assert any(k.startswith(f"{layer}.probe.") for k in tensors)
+
+
+def test_probing_leaves_the_parent_state_untouched(lineage: Lineage, tmp_path: Path) -> None:
+    parent = lineage.state(0)
+    before = tree_digest(parent)
+    run_probe(lineage.cfg, lineage.bundles[1], parent, tmp_path / "probe")
+    assert tree_digest(parent) == before
+
+
+def test_a_task_already_in_the_lineage_cannot_be_probed_again(lineage: Lineage, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="already in this lineage"):
+        run_probe(lineage.cfg, lineage.bundles[0], lineage.state(0), tmp_path / "probe")
+
+
+# ---------------------------------------------------------------- the plan on hand-made scores
+def scores(*shares: float, tau: float = 0.25) -> dict[int, dict]:
+    return {i: {"share": s, "tau": tau} for i, s in enumerate(shares)}
+
+
+def test_threshold_follows_config_tau_and_scale(make_cfg) -> None:
+    assert threshold(make_cfg(), experts_before=3) == pytest.approx(1 / 4)  # top_k 1, E 3 + probe
+    assert threshold(make_cfg(probe={"tau_scale": 0.5}), experts_before=3) == pytest.approx(1 / 8)
+    assert threshold(make_cfg(probe={"tau": 0.4}), experts_before=3) == pytest.approx(0.4)
+
+
+def test_layers_below_tau_get_nothing_and_an_empty_plan_is_allowed(make_cfg) -> None:
+    assert make_plan(make_cfg(), scores(0.1, 0.2499, 0.0)) == {}
+
+
+def test_one_expert_at_tau_and_two_at_the_double_ratio(make_cfg) -> None:
+    plan = make_plan(make_cfg(), scores(0.25, 0.49, 0.5, 0.9, 0.2))
+    assert plan == {0: 1, 1: 1, 2: 2, 3: 2}
+    assert make_plan(make_cfg(probe={"double_expert_ratio": 3.0}), scores(0.5, 0.75)) == {0: 1, 1: 2}
+
+
+def test_the_layer_cap_keeps_the_highest_scores(make_cfg) -> None:
+    plan = make_plan(make_cfg(probe={"max_layers_per_task": 2}), scores(0.3, 0.8, 0.1, 0.4, 0.6))
+    assert plan == {1: 2, 4: 2}
