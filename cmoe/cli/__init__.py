@@ -6,7 +6,7 @@ apply_defaults()
 
 import typer  # noqa: E402
 
-from cmoe.cli import base, data, stages  # noqa: E402
+from cmoe.cli import base, data, doctor, stages  # noqa: E402
 from cmoe.cli import run as pipeline  # noqa: E402
 
 app = typer.Typer(
@@ -23,3 +23,4 @@ for command in (pipeline.run, pipeline.watch, pipeline.rollback, pipeline.predic
     app.command()(command)
 for command in (stages.probe, stages.expand, stages.evaluate, stages.bench):
     app.command()(command)
+app.command()(doctor.doctor)

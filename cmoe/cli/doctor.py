@@ -1,0 +1,48 @@
+"""`cmoe doctor`: versions, device, launcher and every configured service, one OK/FAIL line each."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+console = Console(soft_wrap=True)  # a long detail stays on its line: the output is grep-able
+_STYLE = {"OK": "green", "FAIL": "bold red", "SKIP": "yellow"}
+
+
+def doctor(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds each network check may take.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check versions, GPU/CPU, the DeepSpeed launcher, Prefect, MLflow, the artifact store, the inbox.
+
+    Exits 1 when a configured service (or the local set-up) fails; SKIP = not configured, the
+    embedded default is used.
+    """
+    from cmoe.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    # The same Prefect home as `cmoe run` / `cmoe watch`, so a profile set there is seen here too.
+    if (cfg.home / "prefect").is_dir():  # (the doctor writes nothing: no new folder just for this)
+        os.environ.setdefault("PREFECT_HOME", str((cfg.home / "prefect").resolve()))
+    from cmoe.doctor import as_dicts, failed, run_checks
+
+    checks = run_checks(cfg, timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(as_dicts(checks), indent=2))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            console.print(f"[{_STYLE[c.status]}]{c.status:<4}[/] {c.name:<{width}}  {escape(c.detail)}")
+    if failed(checks):
+        raise typer.Exit(1)

@@ -1,0 +1,332 @@
+"""`cmoe doctor`: is this machine ready to run cmoe against the configured services?
+
+One line per check, each OK, FAIL (with the reason) or SKIP (not configured: the embedded default
+is used instead). Checks: package versions, the compute device and the DeepSpeed config it
+resolves to, the DeepSpeed launcher, the Prefect API (reachability, then auth), MLflow tracking and
+the model registry, the MLflow artifact store, and the task inbox (local folder or S3).
+
+Nothing is written anywhere: every service check is a read (health, version, a one-item listing).
+Secrets are never printed: credentials are named by where they come from, not by their value.
+Every network call has a short timeout and no retries, so a dead service fails in seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from cmoe.config import CmoeConfig
+
+Status = Literal["OK", "FAIL", "SKIP"]
+PACKAGES = ("torch", "transformers", "deepspeed", "prefect", "mlflow", "boto3", "cmoe")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: Status
+    detail: str
+
+
+class CheckFailed(Exception):
+    """Raised inside a check: its message is the reason printed after FAIL."""
+
+
+def _short(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (MLflow and botocore messages can span pages)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _run(name: str, fn: Callable[[], tuple[Status, str] | str]) -> Check:
+    """Run one check; an exception becomes FAIL with its message."""
+    try:
+        out = fn()
+    except CheckFailed as err:
+        return Check(name, "FAIL", str(err))
+    except Exception as err:  # noqa: BLE001 - a doctor reports every failure, it does not crash on one
+        return Check(name, "FAIL", f"{type(err).__name__}: {_short(err)}")
+    status, detail = ("OK", out) if isinstance(out, str) else out
+    return Check(name, status, detail)
+
+
+# ---------------------------------------------------------------------------- local machine
+def versions() -> dict[str, str]:
+    """Python and the stack's package versions ("missing" when a package is not installed)."""
+    found = {"python": platform.python_version()}
+    for dist in PACKAGES:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "missing"
+    return found
+
+
+def check_versions() -> Check:
+    """FAIL when a package cmoe needs at run time is not installed."""
+    found = versions()
+    missing = [k for k, v in found.items() if v == "missing"]
+    detail = " ".join(f"{k} {v}" for k, v in found.items())
+    return Check("versions", "FAIL" if missing else "OK", detail)
+
+
+def check_device(cfg: CmoeConfig) -> Check:
+    """GPU (CUDA, bf16 support) or CPU, and the DeepSpeed config the expansion will use on it."""
+
+    def probe() -> str:
+        import torch
+
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs its accelerator choice to stdout on import
+            from cmoe.stages.trainer import resolve_config
+
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            name = torch.cuda.get_device_name(0)
+            device, what = "cuda", f"GPU: {n} x {name}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+        else:
+            device, what = "cpu", f"CPU: {os.cpu_count()} cores, no GPU (fp32)"
+        try:
+            ds = resolve_config(cfg.expand.deepspeed_config, device)
+        except FileNotFoundError as err:
+            raise CheckFailed(f"{what}; expand.deepspeed_config: {err}") from None
+        return f"{what}; expand.deepspeed_config {cfg.expand.deepspeed_config!r} -> {ds.name}"
+
+    return _run("device", probe)
+
+
+def check_launcher() -> Check:
+    """The multi-process launchers (`torchrun`, `deepspeed`) on PATH or next to this Python."""
+
+    def probe() -> str:
+        here = Path(sys.executable).parent
+        found = {}
+        for tool in ("torchrun", "deepspeed"):
+            path = shutil.which(tool) or (str(here / tool) if (here / tool).is_file() else None)
+            if path:
+                found[tool] = path
+        if "torchrun" not in found and "deepspeed" not in found:
+            raise CheckFailed("neither torchrun nor deepspeed found on PATH nor next to " + sys.executable)
+        return ", ".join(f"{k} {v}" for k, v in found.items()) + "  (python -m cmoe.stages.expand_main under either)"
+
+    return _run("deepspeed launcher", probe)
+
+
+# ---------------------------------------------------------------------------- Prefect
+def check_prefect(timeout: float) -> Check:
+    """Prefect API: /health (reachability), then an authenticated read (version, work pools)."""
+
+    def probe() -> tuple[Status, str] | str:
+        import httpx
+        from prefect.settings import get_current_settings
+
+        api = get_current_settings().api
+        if not api.url:
+            return "SKIP", "PREFECT_API_URL not set: flows run on a local ephemeral API (embedded default)"
+        url = str(api.url).rstrip("/")
+        headers, auth = {}, "no auth"
+        if api.auth_string:  # self-hosted server with PREFECT_SERVER_API_AUTH_STRING
+            token = base64.b64encode(api.auth_string.get_secret_value().encode()).decode()
+            headers["Authorization"], auth = f"Basic {token}", "PREFECT_API_AUTH_STRING"
+        elif api.key:  # Prefect Cloud
+            headers["Authorization"], auth = f"Bearer {api.key.get_secret_value()}", "PREFECT_API_KEY"
+        with httpx.Client(timeout=timeout, headers=headers, verify=api.tls_insecure_skip_verify is not True) as http:
+            try:
+                http.get(f"{url}/health").raise_for_status()
+            except httpx.HTTPError as err:
+                raise CheckFailed(f"{url}: not reachable: {_short(err)}") from None
+            version = http.get(f"{url}/admin/version")
+            if version.status_code in (401, 403):
+                raise CheckFailed(f"{url}: reachable, but {version.status_code} {version.reason_phrase} with {auth}"
+                                  " (set PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING,"
+                                  " or PREFECT_API_KEY for Prefect Cloud)")
+            server = version.json() if version.is_success else "?"
+            pools = http.post(f"{url}/work_pools/filter", json={"limit": 50})
+            pools.raise_for_status()
+            names = ", ".join(f"{p['name']} ({p['type']})" for p in pools.json()) or "none yet"
+        return f"{url} server {server}, auth: {auth}; work pools: {names}"
+
+    return _run("prefect api", probe)
+
+
+# ---------------------------------------------------------------------------- MLflow
+def _mlflow_env(timeout: float) -> None:
+    # MLflow retries failed requests with exponential back-off for minutes by default.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
+
+
+def _mlflow_auth() -> tuple[tuple[str, str] | None, dict[str, str], str]:
+    """(basic auth, headers, description) the MLflow client would send, from its standard variables."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return (user, password), {}, "MLFLOW_TRACKING_USERNAME/PASSWORD"
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return None, {"Authorization": f"Bearer {token}"}, "MLFLOW_TRACKING_TOKEN"
+    return None, {}, "no auth"
+
+
+def check_mlflow(cfg: CmoeConfig, timeout: float) -> list[Check]:
+    """MLflow tracking (server version + a one-experiment search), registry (the model and its aliases)."""
+    from cmoe.registry import tracking_uri
+
+    _mlflow_env(timeout)
+    uri = tracking_uri(cfg)
+    remote = uri.startswith(("http://", "https://"))
+
+    def tracking() -> str:
+        from mlflow import MlflowClient
+
+        if uri.startswith("sqlite:///"):
+            db = Path(uri.removeprefix("sqlite:///"))
+            if not db.is_file():
+                return f"{uri} (embedded default; created on the first run)"
+        where = uri
+        if remote:
+            import requests
+
+            basic, headers, auth = _mlflow_auth()
+            try:
+                r = requests.get(f"{uri.rstrip('/')}/version", auth=basic, headers=headers, timeout=timeout)
+            except requests.RequestException as err:
+                raise CheckFailed(f"{uri}: not reachable: {_short(err)}") from None
+            if r.status_code in (401, 403):
+                raise CheckFailed(f"{uri}: reachable, but {r.status_code} with {auth} "
+                                  "(set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)")
+            r.raise_for_status()
+            where = f"{uri} server {r.text.strip()}, auth: {auth}"
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return where
+
+    def registry() -> str:
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            return "embedded default; nothing registered yet"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_registered_models(max_results=1)
+        name = cfg.registry.model_name
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return f"model {name!r} not registered yet"
+            raise
+        aliases = ", ".join(f"@{a} v{v}" for a, v in sorted((model.aliases or {}).items())) or "no aliases"
+        return f"model {name!r}: {aliases}"
+
+    checks = [_run("mlflow tracking", tracking)]
+    if checks[0].status == "FAIL":
+        return [*checks, Check("mlflow registry", "FAIL", "tracking server not usable (above)"),
+                Check("artifact store", "FAIL", "tracking server not usable (above)")]
+    return [*checks, _run("mlflow registry", registry), _run("artifact store", lambda: _artifacts(cfg, uri, remote))]
+
+
+def _artifacts(cfg: CmoeConfig, uri: str, remote: bool) -> tuple[Status, str] | str:
+    """List the artifact root new runs of the experiment write to (proxied by the server, S3 or local)."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        experiment = None
+    else:
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.registry.experiment)
+    if experiment is not None:
+        root, source = experiment.artifact_location, f"experiment {cfg.registry.experiment!r}"
+    elif cfg.registry.artifact_location:
+        root, source = cfg.registry.artifact_location, "registry.artifact_location"
+    else:
+        root, source = (cfg.home / "mlartifacts").resolve().as_uri(), "default <home>/mlartifacts"
+    if remote and root.startswith(("file:", "/")):
+        raise CheckFailed(f"{root} ({source}) is a local path of this machine while tracking is remote: other "
+                          "machines cannot read it; set registry.artifact_location to mlflow-artifacts:/<path> "
+                          "(the server's --artifacts-destination) or s3://bucket/prefix")
+    if root.startswith("file:") and not Path(root.removeprefix("file://")).exists():
+        return f"{root} ({source}; created on the first run)"
+    get_artifact_repository(root, tracking_uri=uri).list_artifacts()
+    via = ""
+    if root.startswith("s3://"):
+        via = f"; S3 endpoint {os.environ.get('MLFLOW_S3_ENDPOINT_URL') or 'AWS default'}, credentials: {_aws_source()}"
+    elif root.startswith("mlflow-artifacts:"):
+        via = "; proxied by the tracking server (clients need no store credentials)"
+    return f"{root} ({source}){via}"
+
+
+# ---------------------------------------------------------------------------- S3 inbox
+def _aws_source() -> str:
+    """Where boto3's standard chain found credentials (env, shared-credentials-file, iam-role, ...)."""
+    import boto3
+
+    creds = boto3.Session().get_credentials()
+    if creds is None:
+        raise CheckFailed("no AWS credentials found by the standard chain (AWS_ACCESS_KEY_ID/"
+                          "AWS_SECRET_ACCESS_KEY, AWS_PROFILE / ~/.aws/credentials, SSO, instance or pod role)")
+    return creds.method
+
+
+def check_inbox(cfg: CmoeConfig, timeout: float) -> Check:
+    """The inbox the watcher lists: an S3 prefix (reachability, credentials, bundles there) or a folder."""
+
+    def probe() -> str:
+        from cmoe.data.storage import S3Prefix, is_s3
+
+        inbox = cfg.inbox or str(cfg.home / "inbox")
+        if not is_s3(inbox):
+            p = Path(inbox)
+            if not p.exists():
+                return f"{p} (local folder; does not exist yet)"
+            n = sum(1 for c in p.iterdir() if c.is_dir() and (c / "task.yaml").is_file())
+            return f"{p} (local folder; {n} complete bundle(s))"
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        source = _aws_source()
+        endpoint = (os.environ.get("CMOE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL"))
+        loc = S3Prefix.parse(inbox)
+        client = boto3.client("s3", endpoint_url=os.environ.get("CMOE_S3_ENDPOINT_URL") or None, config=Config(
+            connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1, "mode": "standard"}))
+        try:
+            listing = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, Delimiter="/", MaxKeys=1000)
+        except (BotoCoreError, ClientError) as err:
+            raise CheckFailed(f"{loc.uri}: {_short(err)} (endpoint {endpoint or 'AWS default'}, "
+                              f"credentials: {source})") from None
+        folders = len(listing.get("CommonPrefixes", []))
+        return f"{loc.uri} ({folders} bundle folder(s)); endpoint {endpoint or 'AWS default'}, credentials: {source}"
+
+    return _run("inbox", probe)
+
+
+# ---------------------------------------------------------------------------- all together
+def run_checks(cfg: CmoeConfig, timeout: float = 5.0) -> list[Check]:
+    """Every check, in report order."""
+    return [
+        check_versions(),
+        check_device(cfg),
+        check_launcher(),
+        check_prefect(timeout),
+        *check_mlflow(cfg, timeout),
+        check_inbox(cfg, timeout),
+    ]
+
+
+def failed(checks: list[Check]) -> bool:
+    """True when any check failed (SKIP is not a failure: that service is not configured)."""
+    return any(c.status == "FAIL" for c in checks)
+
+
+def as_dicts(checks: list[Check]) -> list[dict[str, str]]:
+    """JSON-serialisable form of the report."""
+    return [asdict(c) for c in checks]
