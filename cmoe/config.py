@@ -7,6 +7,7 @@ reason, before any model is built or any state is written.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -34,9 +35,10 @@ class BaseModelConfig(_Section):
     text_heads: int = 4
     text_intermediate: int = 256  # dense MLP width; every upcycled expert has this width
     vocab_size: int = 512  # byte-level BPE: 256 byte tokens + merges + specials
-    pretrain_epochs: int = 6
-    pretrain_lr: float = 2e-3
-    pretrain_batch_size: int = 32
+    pretrain_samples: int = 8000  # synthetic captions / attribute notes in the pretraining corpus
+    pretrain_epochs: int = 12
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 64  # per-step overhead dominates at this size: bigger batches are cheaper
 
 
 class MoEConfig(_Section):
@@ -79,6 +81,12 @@ class ExpandConfig(_Section):
     deepspeed_config: str = "zero0"
     checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints
     seed: int = 0
+    # Processes per machine for the expansion (one per GPU; CPU ranks use gloo). 1 = in-process;
+    # >1 runs `torchrun -m cmoe.stages.expand_main` (see cmoe.stages.launch and docs/deploy.md).
+    nproc_per_node: int = Field(1, ge=1)
+    # DeepSpeed hostfile ("host slots=N" per line) for a multi-node expansion through the `deepspeed`
+    # launcher; the home folder must then be on storage every host sees. None = this machine only.
+    hostfile: str | None = None
 
 
 class LocatorConfig(_Section):
@@ -148,9 +156,14 @@ class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the file and field."""
 
 
+CONFIG_ENV = "CMOE_CONFIG"  # path of the YAML config used when none is given (deployed workers set it)
+
+
 def load_config(path: str | Path | None = None, **overrides: object) -> CmoeConfig:
-    """Read a YAML config (or the defaults when `path` is None), apply top-level overrides."""
+    """Read a YAML config (or $CMOE_CONFIG, or the defaults when both are unset), apply top-level overrides."""
     data: dict = {}
+    if path is None:
+        path = os.environ.get(CONFIG_ENV) or None
     if path is not None:
         p = Path(path)
         try:
@@ -176,7 +189,8 @@ def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
         "home": Path(home),
         "base": {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32,
                  "text_layers": 2, "text_heads": 2, "text_intermediate": 64, "image_size": 32,
-                 "patch_size": 16, "vocab_size": 300, "pretrain_epochs": 1, "pretrain_batch_size": 16},
+                 "patch_size": 16, "vocab_size": 300, "pretrain_samples": 200, "pretrain_epochs": 1,
+                 "pretrain_batch_size": 16},
         "moe": {"layers": "all", "initial_experts": 2, "top_k": 1},
         "probe": {"steps": 3, "batch_size": 16, "holdout_fraction": 0.25},
         "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2},

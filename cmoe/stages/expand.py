@@ -25,6 +25,7 @@ from cmoe.model.locator import fit_task_vae, locator_features
 from cmoe.model.routing import route
 from cmoe.model.state import save_state
 from cmoe.stages.common import TaskData, load_task, moe_loss, open_lineage
+from cmoe.stages.distributed import check_ranks_agree, on_rank0
 from cmoe.stages.probe import ProbeReport
 from cmoe.stages.trainer import TrainSpec, train
 
@@ -108,6 +109,9 @@ def run_expand(
         data = load_task(bundle, "train", processor, cfg, with_answers=True)
     if probe is not None and probe.task != name:
         raise ValueError(f"probe report is for task {probe.task!r}, bundle {bundle} is {name!r}")
+    # New routers and experts draw from torch's global RNG: seed it, or the result depends on what
+    # this process happened to draw before (and N ranks would not match one process).
+    torch.manual_seed(cfg.expand.seed)
     add_task(model, name)
     added = grow(model, probe) if probe is not None else 0
     if variant == "seq-ft":
@@ -123,7 +127,10 @@ def run_expand(
         params = [p for p in model.parameters() if p.requires_grad] if variant == "seq-ft" else trainable_parameters(model)
         result = train(model, params, data.encoded, processor.collate, moe_loss, spec)
         model.eval()
+    check_ranks_agree(params, f"expand {name}")  # N processes (torchrun): every rank trained the same
     model.requires_grad_(False)
     locator = fit_locator(model, processor, data, cfg) if variant == "cmoe" else {}
-    state = save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True)
+    # Only rank 0 writes the state; the other ranks wait for it (a no-op in one process).
+    state = on_rank0(lambda: save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True),
+                     default=out_dir / "state")
     return ExpandResult(name, str(state), added, asdict(result), locator, time.perf_counter() - t0)

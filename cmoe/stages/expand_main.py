@@ -1,0 +1,74 @@
+"""The expansion stage as a program, for N processes: `torchrun` / the `deepspeed` launcher start it.
+
+    torchrun --standalone --nproc_per_node 2 -m cmoe.stages.expand_main \\
+        --config cmoe.yaml --bundle BUNDLE --probe probe.json --out OUT [--parent-state STATE]
+    deepspeed --hostfile infra/deepspeed/hostfile --module cmoe.stages.expand_main --config ... (multi-node)
+    python -m cmoe.stages.expand_main ...                      (one process: the same as in-process)
+
+Every rank runs `run_expand` on the same arguments: the trainer splits each global batch over the
+ranks (same weights as one process with the same global batch and seed), the ranks check they
+hold identical trained tensors, and rank 0 alone writes OUT/state and OUT/expand.json (the
+ExpandResult). Paths must be visible to every rank (OUT/checkpoints holds the resume checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from cmoe.env import apply_defaults
+
+RESULT_FILE = "expand.json"  # the ExpandResult, written by rank 0 after the state
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments (the deepspeed launcher also passes --local_rank)."""
+    ap = argparse.ArgumentParser(prog="python -m cmoe.stages.expand_main", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML config (default: $CMOE_CONFIG, else the embedded defaults)")
+    ap.add_argument("--bundle", required=True, help="task bundle: local folder or s3://bucket/prefix/")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (state/, checkpoints/, expand.json)")
+    ap.add_argument("--parent-state", type=Path, help="CMoE state to build on (default: the upcycled base)")
+    ap.add_argument("--probe", type=Path, help="probe.json of the PGKE stage (the expansion plan)")
+    ap.add_argument("--variant", default="cmoe", choices=["cmoe", "single-router", "seq-ft"])
+    ap.add_argument("--no-copy-base", action="store_true", help="reference the base by path instead of copying it")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the expansion on this rank; rank 0 writes the state and the result."""
+    apply_defaults()
+    args = parse_args(argv)
+    if args.local_rank is not None:  # deepspeed launcher: --local_rank=N (torchrun sets the env itself)
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+
+    from cmoe.config import load_config
+    from cmoe.stages.distributed import on_rank0
+    from cmoe.stages.expand import run_expand
+    from cmoe.stages.probe import ProbeReport
+
+    cfg = load_config(args.config)
+    probe = ProbeReport(**json.loads(args.probe.read_text())) if args.probe else None
+    result = run_expand(cfg, args.bundle, args.parent_state, probe, args.out,
+                        copy_base=not args.no_copy_base, variant=args.variant)
+
+    def write() -> Path:
+        out = args.out / RESULT_FILE
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(result), indent=2, default=str))
+        os.replace(tmp, out)
+        return out
+
+    on_rank0(write, default=args.out / RESULT_FILE)
+
+    import torch.distributed as tdist
+
+    if tdist.is_initialized():
+        tdist.destroy_process_group()  # a clean exit on every rank (torchrun waits for all of them)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Run the expansion in this process, or as N processes through torchrun / the deepspeed launcher.
+
+`expand(...)` takes the arguments of `run_expand` and returns its ExpandResult either way, so a
+caller (the Prefect flow, the CLI) does not care how many processes trained:
+
+- `expand.nproc_per_node: 1`, no hostfile (the default): `run_expand` in this process.
+- `expand.nproc_per_node: N`: `torchrun --standalone --nproc_per_node N -m cmoe.stages.expand_main`.
+- `expand.hostfile: FILE`: `deepspeed --hostfile FILE --module cmoe.stages.expand_main` (multi-node;
+  passwordless ssh between the hosts, and `home` on storage they all see).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from cmoe.config import CmoeConfig
+from cmoe.stages.expand import ExpandResult, Variant, run_expand
+from cmoe.stages.expand_main import RESULT_FILE
+from cmoe.stages.probe import ProbeReport
+
+ENTRY = "cmoe.stages.expand_main"
+
+
+class LaunchError(RuntimeError):
+    """The launcher or one of its processes failed; the message holds the command and the exit code."""
+
+
+def launcher_command(cfg: CmoeConfig, args: list[str]) -> list[str]:
+    """The command that starts `expand_main` with `args` on cfg.expand's processes (and hosts)."""
+    n = cfg.expand.nproc_per_node
+    if cfg.expand.hostfile:
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", cfg.expand.hostfile,
+                "--module", ENTRY, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", ENTRY, *args]
+
+
+def expand(
+    cfg: CmoeConfig, bundle: str, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
+    *, copy_base: bool = True, variant: Variant = "cmoe",
+) -> ExpandResult:
+    """`run_expand`, in-process or under the configured launcher; same result either way."""
+    if cfg.expand.nproc_per_node == 1 and not cfg.expand.hostfile:
+        return run_expand(cfg, bundle, parent_state, probe, out_dir, copy_base=copy_base, variant=variant)
+    out_dir = Path(out_dir).resolve()
+    inputs = out_dir / "launch"  # what every rank reads: the exact config and plan of this call
+    inputs.mkdir(parents=True, exist_ok=True)
+    (inputs / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    args = ["--config", str(inputs / "config.yaml"), "--bundle", str(bundle), "--out", str(out_dir),
+            "--variant", variant]
+    if probe is not None:
+        (inputs / "probe.json").write_text(json.dumps(asdict(probe), indent=2))
+        args += ["--probe", str(inputs / "probe.json")]
+    if parent_state is not None:
+        args += ["--parent-state", str(Path(parent_state).resolve())]
+    if not copy_base:
+        args.append("--no-copy-base")
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)
+    cmd = launcher_command(cfg, args)
+    # The ranks find the code the way this process did, whatever the working directory.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, env=env, check=False)
+    if done.returncode != 0 or not (out_dir / RESULT_FILE).is_file():
+        raise LaunchError(f"expansion failed (exit {done.returncode}): {' '.join(cmd)}")
+    return ExpandResult(**json.loads((out_dir / RESULT_FILE).read_text()))
