@@ -38,8 +38,12 @@ def _setup(config: Path | None) -> tuple[CmoeConfig, str | None]:
     except ConfigError as err:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
-    # Must precede the first `import prefect` (the flows are imported lazily, after this).
-    os.environ.setdefault("PREFECT_HOME", str((cfg.home / "prefect").resolve()))
+    # Must precede the first `import prefect` (the flows are imported lazily, after this). Prefect
+    # creates its home without parents and then cannot start its local API: create it here.
+    if "PREFECT_HOME" not in os.environ:
+        prefect_home = (cfg.home / "prefect").resolve()
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(prefect_home)
     # The local API's first start takes ~30 s on 2 cores; Prefect's default gives up after 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return cfg, str(config.resolve()) if config else None

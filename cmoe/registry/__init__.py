@@ -120,6 +120,12 @@ class Registry:
         self._cache = cfg.home / "registry-cache"  # local copies of registered state directories
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
+    def _point_mlflow_here(self) -> None:
+        """Aim MLflow's process-wide URIs at this registry: logging models and resolving `models:/`
+        URIs use them, whatever URI is passed alongside (else they land in ./mlflow.db)."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+
     @cached_property
     def experiment_id(self) -> str:
         """The experiment's id, created on first use with the configured artifact location."""
@@ -208,8 +214,7 @@ class Registry:
         found = self.client.search_model_versions(f"name = '{self.model_name}' and tags.`cmoe.key` = '{key}'")
         if found:
             return int(found[0].version)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+        self._point_mlflow_here()
         # No input example: MLflow would load the model and predict with it just to check the example.
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
@@ -327,8 +332,7 @@ class Registry:
         """Answers of a registered model (e.g. `models:/cmoe@champion`) through its pyfunc wrapper."""
         import pandas as pd
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
+        self._point_mlflow_here()
         try:
             model = mlflow.pyfunc.load_model(model_uri)
         except MlflowException as err:  # e.g. no champion yet
@@ -348,10 +352,10 @@ class Registry:
         if not (model_dir / "MLmodel").is_file():
             self._cache.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.", dir=self._cache))
+            self._point_mlflow_here()
             try:
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{self.model_name}/{version}", dst_path=str(tmp),
-                    tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{self.model_name}/{version}",
+                                                    dst_path=str(tmp))
                 shutil.rmtree(model_dir, ignore_errors=True)
                 tmp.rename(model_dir)  # atomic: a half-downloaded copy is never used
             finally:

@@ -7,6 +7,7 @@ import sys
 import types
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import pytest
 from PIL import Image
@@ -50,6 +51,7 @@ def test_lineage_decisions_and_rollback(registry: Registry, tmp_path: Path) -> N
     assert register(registry, tmp_path / "again", "color", None, {"color": 90.0}) == 1
 
     registry.decide_version(v1, "approved", "ann", "looks good")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # a fresh process has other globals
     champ = registry.champion()
     assert champ is not None and champ.version == 1 and champ.acc == {"color": 90.0}
     assert json.loads((champ.state_dir / "cmoe.json").read_text())["tasks"] == ["color"]
