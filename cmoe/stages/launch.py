@@ -26,6 +26,7 @@ from cmoe.stages.expand_main import RESULT_FILE
 from cmoe.stages.probe import ProbeReport
 
 ENTRY = "cmoe.stages.expand_main"
+_RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
 class LaunchError(RuntimeError):
@@ -65,8 +66,10 @@ def expand(
     (out_dir / RESULT_FILE).unlink(missing_ok=True)
     cmd = launcher_command(cfg, args)
     # The ranks find the code the way this process did, whatever the working directory.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    # A process that trained in-process before holds a rank-0-of-1 group: its rendezvous variables
+    # (and port) must not leak into the launched ranks.
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
     done = subprocess.run(cmd, env=env, check=False)
     if done.returncode != 0 or not (out_dir / RESULT_FILE).is_file():
         raise LaunchError(f"expansion failed (exit {done.returncode}): {' '.join(cmd)}")

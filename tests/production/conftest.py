@@ -38,7 +38,9 @@ BUCKET = "cmoe"
 STARTUP_S = 240  # both servers migrate a fresh PostgreSQL database; 2 busy cores are slow
 _DROP_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_PROFILE", "AWS_PROFILE",
              "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "MLFLOW_TRACKING_URI",
-             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "CMOE_CONFIG")
+             "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "CMOE_CONFIG",
+             # set by an in-process training of this pytest process (rank 0 of 1): never inherit them
+             "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def free_port() -> int:
@@ -258,3 +260,24 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
     """Run `cmoe ARGS` (this environment's console script) as a client process; output captured."""
     return subprocess.run([str(BIN / "cmoe"), *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, check=False)
+
+
+# ---------------------------------------------------------------------------- tiny lineage inputs
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The first two bundles of a tiny coin-mini (64 train / 16 test rows each) and its corpus."""
+    from cmoe.data.synth import synth_suite
+
+    return synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)[:2]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretrained base (tiny_test_config's recipe), built once per session."""
+    from cmoe.config import tiny_test_config
+    from cmoe.stages.pretrain import build_base
+
+    home = tmp_path_factory.mktemp("base-home")
+    built = build_base(tiny_test_config(home).base, home / "base", corpus=tiny_suite[0].parent / "pretrain",
+                       cache_dir=home / "cache")
+    return Path(built.path)
