@@ -62,8 +62,12 @@ def test_doctor_names_each_failure_and_exits_1(services: Services, tmp_path: Pat
     assert "wrong" not in json.dumps(checks)  # secrets are never printed
 
 
-def test_doctor_reports_an_unreachable_tracking_server_fast(tmp_path: Path) -> None:
+def test_doctor_reports_an_unreachable_tracking_server_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cmoe.doctor import check_mlflow
+
+    # (what the doctor sets for its own process; restored for the rest of this session)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
 
     cfg = tiny_test_config(tmp_path / "home")
     cfg.registry.tracking_uri = f"http://127.0.0.1:{free_port()}"
