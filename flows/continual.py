@@ -26,12 +26,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from uuid import UUID
 
-from prefect import flow, task
+from prefect import State, Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
 from prefect.flow_runs import pause_flow_run, resume_flow_run, suspend_flow_run
 from prefect.input import RunInput
@@ -43,7 +44,13 @@ from cmoe.data.storage import StorageError, fetch_bundle
 from cmoe.data.validate import validate
 from cmoe.registry import Champion, Registry, RegistryError, VersionInfo
 
+if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks that run them
+    from cmoe.stages.evaluate import EvalReport
+    from cmoe.stages.expand import ExpandResult
+    from cmoe.stages.probe import ProbeReport
+
 T = TypeVar("T")
+DECIDED = {"approve": "approved", "reject": "rejected"}  # an answer -> the decision recorded on the version
 DONE = "done.json"  # written last into a stage's folder: the stage finished and this is its result
 
 # Every stage task persists its result as JSON (readable back from the Prefect API) and skips
@@ -118,7 +125,7 @@ def resumable(out: Path, result_type: type[T], compute: Callable[[Path], T]) -> 
     return result
 
 
-def _transient(task: Any, task_run: Any, state: Any) -> bool:
+def _transient(task: Task, task_run: TaskRun, state: State) -> bool:
     """Retry I/O failures (S3 or a network disk hiccup), never a bundle that is simply invalid."""
     try:
         state.result()
@@ -142,7 +149,7 @@ def fetch(uri: str, cache_dir: Path) -> FetchedBundle:
 
 @stage_task(name="probe")
 def probe(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, runs: Path, registry: Registry,
-          run_id: str) -> Any:
+          run_id: str) -> ProbeReport:
     """PGKE: score every CMoE layer with a probe expert and plan where new experts go."""
     from cmoe.stages.probe import ProbeReport, run_probe
 
@@ -160,10 +167,11 @@ def probe(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, run
 
 
 @stage_task(name="expand")
-def expand(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, plan: Any, runs: Path,
-           registry: Registry, run_id: str) -> Any:
+def expand(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, plan: ProbeReport, runs: Path,
+           registry: Registry, run_id: str) -> ExpandResult:
     """Train the planned experts, the task's router and its locator VAE; older weights stay frozen."""
-    from cmoe.stages.expand import ExpandResult, run_expand
+    from cmoe.stages.expand import ExpandResult
+    from cmoe.stages.launch import expand as run_expand  # in-process, or N ranks (expand.nproc_per_node / hostfile)
 
     parent_state = champion.state_dir if champion else None
     result = resumable(runs / "expand", ExpandResult,
@@ -174,7 +182,7 @@ def expand(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, pl
 
 @stage_task(name="evaluate")
 def evaluate(cfg: CmoeConfig, bundle: FetchedBundle, state_dir: str, lineage: list[VersionInfo], runs: Path,
-             registry: Registry, run_id: str) -> Any:
+             registry: Registry, run_id: str) -> EvalReport:
     """Re-test every task learned so far (test splits only) with locator routing."""
     from cmoe.stages.evaluate import EvalReport, run_evaluate
 
@@ -190,8 +198,8 @@ def evaluate(cfg: CmoeConfig, bundle: FetchedBundle, state_dir: str, lineage: li
 
 
 @stage_task(name="gate")
-def gate(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, key: str, expanded: Any,
-         report: Any, summary: dict[str, Any], runs: Path, registry: Registry, run_id: str) -> GateResult:
+def gate(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, key: str, expanded: ExpandResult,
+         report: EvalReport, summary: dict[str, Any], runs: Path, registry: Registry, run_id: str) -> GateResult:
     """Apply the gate policy and register the candidate as a model version (alias `candidate`)."""
     from cmoe.stages.gate import decide
 
@@ -267,7 +275,7 @@ class ReviewedPlan:
     reason: str
 
 
-def review_plan(cfg: CmoeConfig, registry: Registry, run_id: str, plan: Any) -> ReviewedPlan:
+def review_plan(cfg: CmoeConfig, registry: Registry, run_id: str, plan: ProbeReport) -> ReviewedPlan:
     """Pause until a reviewer approves or rejects the probe's expansion plan; nothing is trained before."""
     registry.set_plan_review(run_id, "pending")
     registry.tag_run(run_id, {"prefect_flow_run_name": str(flow_run.name)})
@@ -283,12 +291,10 @@ def settle(cfg: CmoeConfig, registry: Registry, result: GateResult, review: str)
     if info.decision != "pending_review":
         return info
     if result.outcome != "review":
-        return registry.decide_version(result.version, "approved" if result.outcome == "approve" else "rejected",
-                                       "gate", "; ".join(result.reasons))
+        return registry.decide_version(result.version, DECIDED[result.outcome], "gate", "; ".join(result.reasons))
     registry.tag_version(result.version, {"prefect_flow_run_id": str(flow_run.id)})
     answer = wait_for_review(cfg, "review", review)
-    return registry.decide_version(result.version, "approved" if answer.decision == "approve" else "rejected",
-                                   answer.by, answer.reason)
+    return registry.decide_version(result.version, DECIDED[answer.decision], answer.by, answer.reason)
 
 
 def wait_for_review(cfg: CmoeConfig, key: str, description: str) -> ReviewInput:
@@ -318,11 +324,11 @@ def submit_review(registry: Registry, ref: str, decision: Literal["approve", "re
             raise RegistryError(f"flow run {ref} no longer waits for its plan review: run its bundle again")
         return f"plan of {plan.task}: {decision} sent to flow run {ref}"
     version = int(ref)
-    info = registry.check_decision(version, "approved" if decision == "approve" else "rejected")
+    info = registry.check_decision(version, DECIDED[decision])
     run = info.tags.get("prefect_flow_run_id")
     if not (run and _resume(UUID(run), answer)):
         # No run is waiting (it timed out, was killed, or ran without an API): record it here.
-        info = registry.decide_version(version, "approved" if decision == "approve" else "rejected", by, reason)
+        info = registry.decide_version(version, DECIDED[decision], by, reason)
         return f"version {version}: {info.decision} (recorded directly; no flow run was waiting)"
     deadline = time.monotonic() + wait_s
     while (info := registry.version(version)).decision == "pending_review" and time.monotonic() < deadline:
@@ -342,7 +348,7 @@ def _resume(flow_run_id: UUID, answer: dict[str, str]) -> bool:
 
 
 # ---------------------------------------------------------------------------- reports
-def _plan_line(plan: Any) -> str:
+def _plan_line(plan: ProbeReport) -> str:
     layers = ", ".join(f"layer {layer} +{n}" for layer, n in sorted(plan.plan.items()) if n) or "no new experts"
     return f"{layers}; {plan.params_to_add:,} params to add, about {plan.est_train_s:.0f} s of training"
 
@@ -351,7 +357,7 @@ def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def accuracy_markdown(report: Any, lineage: list[VersionInfo]) -> str:
+def accuracy_markdown(report: EvalReport, lineage: list[VersionInfo]) -> str:
     """The accuracy matrix: one row per step of the lineage (the champion's ancestors, then the candidate)."""
     names = [f"v{v.version}" for v in lineage] + ["candidate"]
     lines = ["| after | " + " | ".join(report.tasks) + " |", "|---|" + "---|" * len(report.tasks)]
@@ -362,7 +368,7 @@ def accuracy_markdown(report: Any, lineage: list[VersionInfo]) -> str:
     return "\n".join(lines)
 
 
-def review_markdown(result: GateResult, report: Any, lineage: list[VersionInfo]) -> str:
+def review_markdown(result: GateResult, report: EvalReport, lineage: list[VersionInfo]) -> str:
     """What a reviewer sees in the pause form: the matrix, the gate's reasons and how to answer."""
     reasons = "\n".join(f"- {r}" for r in result.reasons) or "- (none)"
     return (f"## Candidate v{result.version}: {report.tasks[-1]}\n\n{accuracy_markdown(report, lineage)}\n\n"
