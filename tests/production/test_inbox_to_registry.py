@@ -1,5 +1,6 @@
 """One task bundle dropped into an S3 inbox travels watcher → continual-task → MLflow registry, on
-the real services: Prefect server and MLflow server on PostgreSQL, artifacts in S3 (moto).
+the real services: Prefect server and MLflow server on PostgreSQL, artifacts in S3 (moto), and
+the expansion as 2 DeepSpeed ranks under torchrun (`expand.nproc_per_node: 2`).
 
 Everything runs as a user would run it: `cmoe watch --once` and `cmoe predict` are separate
 processes with only the services' URLs and credentials in their environment. The watcher runs
@@ -9,6 +10,7 @@ once per module (fixture `watched`); each test checks one place the result must 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ def watched(services: Services, tiny_suite: list[Path], tiny_base: Path,
     cfg["base"]["path"] = str(tiny_base)
     cfg["inbox"] = f"s3://{BUCKET}/inbox/"
     cfg["registry"].update(tracking_uri=services.mlflow_uri, artifact_location="mlflow-artifacts:/cmoe-e2e")
+    cfg["expand"]["nproc_per_node"] = 2  # the flow's expansion runs as 2 torchrun ranks (gloo, CPU)
     config = root / "cmoe.yaml"
     config.write_text(yaml.safe_dump(cfg))
     with pytest.MonkeyPatch.context() as mp:  # a writer drops the bundle in, task.yaml last
@@ -59,6 +62,8 @@ def watched(services: Services, tiny_suite: list[Path], tiny_base: Path,
 def test_the_watcher_runs_continual_task_and_the_gate_approves(watched: Watched) -> None:
     assert watched.run.returncode == 0, watched.run.stdout[-3000:] + watched.run.stderr[-6000:]
     assert re.search(r"shape-name: approved \(v1\)", watched.run.stdout), watched.run.stdout
+    expanded = json.loads(next((watched.config.parent / "home" / "runs").glob("*/expand/done.json")).read_text())
+    assert expanded["train"]["world_size"] == 2
 
 
 def test_the_registry_rows_are_in_postgresql(services: Services, watched: Watched) -> None:
