@@ -51,23 +51,25 @@ def base_dir(suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Pat
                            cache_dir=home / "cache").path)
 
 
-@pytest.fixture
-def write_config(base_dir: Path, tmp_path: Path) -> Callable[..., str]:
-    """write_config(name, inbox=None, **gate) -> path of a tiny YAML config whose home is tmp_path/home."""
+def tiny_config_file(folder: Path, base: Path, name: str, inbox: str | None = None, **gate: Any) -> str:
+    """Write a tiny YAML config (home folder/home, the shared base, gate overrides); its path."""
     from cmoe.config import tiny_test_config
 
-    def write(name: str, inbox: str | None = None, **gate: Any) -> str:
-        cfg: CmoeConfig = tiny_test_config(tmp_path / "home")
-        cfg.base.path = str(base_dir)
-        cfg.inbox = inbox
-        cfg.flow.review_poll_s = 1  # a paused run notices the answer within a second
-        for field, value in gate.items():
-            setattr(cfg.gate, field, value)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-        return str(path)
+    cfg: CmoeConfig = tiny_test_config(folder / "home")  # its gate approves whatever the stages produce
+    cfg.base.path = str(base)
+    cfg.inbox = inbox
+    cfg.flow.review_poll_s = 1  # a paused run notices the answer within a second
+    for field, value in gate.items():
+        setattr(cfg.gate, field, value)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return str(path)
 
-    return write
+
+@pytest.fixture
+def write_config(base_dir: Path, tmp_path: Path) -> Callable[..., str]:
+    """write_config(name, inbox=None, **gate) -> a tiny config whose home is this test's tmp_path/home."""
+    return lambda name, inbox=None, **gate: tiny_config_file(tmp_path, base_dir, name, inbox, **gate)
 
 
 @pytest.fixture

