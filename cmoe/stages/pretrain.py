@@ -64,6 +64,7 @@ def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cach
     with tempfile.TemporaryDirectory() as tmp:
         if corpus is None:
             corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples)
+        cache_dir = cache_dir or Path(tmp) / "cache"
         recipe = _recipe(cfg, bundle_sha256(corpus))
         card = out / CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
