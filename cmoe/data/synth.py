@@ -83,7 +83,7 @@ def plain_scene(rng: random.Random) -> Scene:
     """One mid-size shape on a near-white background."""
     img = _background(rng, (248, 248, 248))
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    r = rng.uniform(10, 15)
+    r = rng.uniform(13, 18)  # big enough to span several 16-px patches: shape is the hardest attribute
     cx, cy = rng.uniform(r + 2, SIZE - r - 2), rng.uniform(r + 2, SIZE - r - 2)
     _draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, _jitter(rng, COLORS[color]))
     return Scene("plain", img, [(color, shape)])
@@ -128,7 +128,7 @@ def grid_scene(rng: random.Random) -> Scene:
     draw.line((0, SIZE / 2, SIZE, SIZE / 2), fill=(150, 150, 150), width=1)
     q = rng.randrange(4)
     color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-    r = rng.uniform(7, 10)
+    r = rng.uniform(8, 11)
     cx = (q % 2 + 0.5) * SIZE / 2 + rng.uniform(-4, 4)
     cy = (q // 2 + 0.5) * SIZE / 2 + rng.uniform(-4, 4)
     _draw_shape(draw, shape, cx, cy, r, _jitter(rng, COLORS[color]))

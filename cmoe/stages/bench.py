@@ -19,11 +19,10 @@ from cmoe.config import CmoeConfig
 from cmoe.data.loading import read_task_spec
 from cmoe.model.cmoe_layer import add_task, cmoe_layers
 from cmoe.model.routing import route
-from cmoe.model.state import save_state
 from cmoe.stages import metrics
 from cmoe.stages.common import load_task, moe_loss, open_lineage
-from cmoe.stages.evaluate import plot_matrix, run_evaluate
-from cmoe.stages.expand import run_expand
+from cmoe.stages.evaluate import evaluate_model, plot_matrix, run_evaluate
+from cmoe.stages.expand import expand_model, run_expand
 from cmoe.stages.probe import naive_plan, run_probe
 from cmoe.stages.trainer import TrainSpec, train
 
@@ -32,6 +31,8 @@ METHODS = ("cmoe", "naive-expand", "single-router", "seq-ft", "joint")
 
 def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) -> dict:
     """Learn `bundles` in order with `method`; the results.json entry of that method."""
+    if method == "seq-ft":
+        return run_seq_ft(cfg, bundles, out)
     t0 = time.perf_counter()
     parent: Path | None = None
     history: list[dict[str, float]] = []
@@ -40,11 +41,9 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) ->
         step = out / f"{i + 1:02d}-{read_task_spec(bundle).name}"
         if method == "cmoe":
             plan = run_probe(cfg, bundle, parent, step / "probe")
-        elif method in ("naive-expand", "single-router"):
+        else:  # naive-expand, single-router: one expert in every CMoE layer, no probe
             plan = naive_plan(cfg, bundle, parent, step / "probe")
-        else:
-            plan = None
-        variant = {"naive-expand": "cmoe", "cmoe": "cmoe"}.get(method, method)
+        variant = "single-router" if method == "single-router" else "cmoe"
         expanded = run_expand(cfg, bundle, parent, plan, step / "expand", copy_base=False, variant=variant)
         report = run_evaluate(cfg, Path(expanded.state_dir), bundles[: i + 1], step / "eval", history)
         history.append(report.acc)
@@ -53,6 +52,22 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) ->
         parent = Path(expanded.state_dir)
     assert report is not None
     return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0)
+
+
+def run_seq_ft(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
+    """Sequential fine-tuning of the upcycled experts + one router, no growth (kept in memory:
+    the state format stores only frozen upcycled copies, which seq-ft does not keep frozen)."""
+    t0 = time.perf_counter()
+    model, processor = open_lineage(cfg, None, single_router=True)
+    history: list[dict[str, float]] = []
+    report = None
+    for i, bundle in enumerate(bundles):
+        step = out / f"{i + 1:02d}-{read_task_spec(bundle).name}"
+        expand_model(cfg, model, processor, bundle, None, step / "expand", variant="seq-ft")
+        report = evaluate_model(cfg, model, processor, bundles[: i + 1], step / "eval", history)
+        history.append(report.acc)
+    assert report is not None
+    return _entry(report.matrix, None, report.params_total, report.params_added, t0)
 
 
 def run_joint(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
@@ -74,8 +89,7 @@ def run_joint(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
         train(model, [p for p in model.parameters() if p.requires_grad], data, processor.collate, moe_loss, spec)
         model.eval()
     model.requires_grad_(False)
-    state = save_state(model, out / "state", overwrite=True)
-    report = run_evaluate(cfg, state, bundles, out / "eval", [])
+    report = evaluate_model(cfg, model, processor, bundles, out / "eval", [])
     final = [report.acc[t] for t in report.tasks]
     matrix = [[None] * len(bundles) for _ in bundles[:-1]] + [final]
     entry = _entry(matrix, None, report.params_total, [0] * len(bundles), t0)

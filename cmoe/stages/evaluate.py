@@ -19,7 +19,6 @@ from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info
 from cmoe.model.params import count_params
 from cmoe.model.routing import RoutingMode, routing
-from cmoe.model.state import read_manifest
 from cmoe.stages import metrics
 from cmoe.stages.common import TaskData, load_task, open_lineage
 
@@ -71,13 +70,19 @@ def task_accuracy(preds: list[str], data: TaskData) -> float:
     return 100 * sum(metrics.score(p, a, data.spec.metric) for p, a in zip(preds, data.answers)) / len(preds)
 
 
-@torch.no_grad()
 def run_evaluate(cfg: CmoeConfig, state_dir: Path, bundles: list[str], out_dir: Path,
                  history: list[dict[str, float]]) -> EvalReport:
     """Evaluate the state at `state_dir` on every bundle (all tasks so far, in order)."""
+    model, processor = open_lineage(cfg, Path(state_dir))
+    return evaluate_model(cfg, model, processor, bundles, out_dir, history)
+
+
+@torch.no_grad()
+def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, bundles: list[str], out_dir: Path,
+                   history: list[dict[str, float]]) -> EvalReport:
+    """Evaluate an in-memory CMoE model on every bundle; see `run_evaluate`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, processor = open_lineage(cfg, Path(state_dir))
     info = cmoe_info(model)
     single = info.single_router
     has_locator = not single and all(t in info.locator.tasks for t in info.tasks)
@@ -118,12 +123,11 @@ def run_evaluate(cfg: CmoeConfig, state_dir: Path, bundles: list[str], out_dir: 
 
     matrix = _matrix(history + [acc], names)
     counts = count_params(model)
-    manifest = read_manifest(Path(state_dir))
     report = EvalReport(
         tasks=names, acc=acc, oracle_acc=oracle, locator_acc=locator_acc, confusion=confusion, matrix=matrix,
         avg_acc=metrics.avg_acc(matrix), bwt=metrics.bwt(matrix), forgetting=metrics.forgetting(matrix),
         maa=metrics.maa(matrix), params_total=counts.total, params_active=counts.active_per_token,
-        params_added=[counts.added_per_task.get(t, 0) for t in manifest["tasks"]],
+        params_added=[counts.added_per_task.get(t, 0) for t in info.tasks],
         eval_samples_per_s=n * (1 if single else 2) / wall,
         report_json=str(out_dir / "eval.json"), heatmap_png=str(out_dir / "accuracy.png"),
     )

@@ -22,12 +22,13 @@ from cmoe.model.cmoe_layer import (
     add_expert, add_task, attach_probes, cmoe_info, cmoe_layers, promote_probe, trainable_parameters,
 )
 from cmoe.model.locator import fit_task_vae, locator_features
+from cmoe.model.processor import IGNORE, Encoded
 from cmoe.model.routing import route
 from cmoe.model.state import save_state
 from cmoe.stages.common import TaskData, load_task, moe_loss, open_lineage
 from cmoe.stages.distributed import check_ranks_agree, on_rank0
 from cmoe.stages.probe import ProbeReport
-from cmoe.stages.trainer import TrainSpec, train
+from cmoe.stages.trainer import TrainResult, TrainSpec, train
 
 Variant = Literal["cmoe", "single-router", "seq-ft"]
 
@@ -77,9 +78,12 @@ def grow(model: torch.nn.Module, probe: ProbeReport) -> int:
 def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig) -> dict:
     """Fit task t's VAE on the pre-MoE features of its training data; add it to the locator."""
     t0 = time.perf_counter()
+    # The locator sees what inference sees: image + prompt, never the answer tokens.
+    prompts = [Encoded(e.pixel_values, e.input_ids[e.labels == IGNORE], e.labels[e.labels == IGNORE])
+               for e in data.encoded]
     feats = []
-    for i in range(0, len(data.encoded), cfg.eval.batch_size):
-        b = processor.collate(data.encoded[i:i + cfg.eval.batch_size])
+    for i in range(0, len(prompts), cfg.eval.batch_size):
+        b = processor.collate(prompts[i:i + cfg.eval.batch_size], left_pad=True)
         feats.append(locator_features(model, b["input_ids"], b["pixel_values"], b["attention_mask"]))
     vae = fit_task_vae(torch.cat(feats), cfg.locator, seed=cfg.expand.seed)
     locator = cmoe_info(model).locator
@@ -101,8 +105,19 @@ def run_expand(
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    single_router = variant != "cmoe"
-    model, processor = open_lineage(cfg, parent_state, single_router=single_router)
+    model, processor = open_lineage(cfg, parent_state, single_router=variant != "cmoe")
+    name, added, result, locator = expand_model(cfg, model, processor, bundle, probe, out_dir, variant)
+    # Only rank 0 writes the state; the other ranks wait for it (a no-op in one process).
+    state = on_rank0(lambda: save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True),
+                     default=out_dir / "state")
+    return ExpandResult(name, str(state), added, asdict(result), locator, time.perf_counter() - t0)
+
+
+def expand_model(
+    cfg: CmoeConfig, model: torch.nn.Module, processor, bundle: str, probe: ProbeReport | None, out_dir: Path,
+    variant: Variant = "cmoe",
+) -> tuple[str, int, TrainResult, dict]:
+    """Add task `bundle` to the in-memory `model`: grow, train, fit its locator; (task, params added, training, locator)."""
     history = list(cmoe_info(model).tasks)
     name = read_task_spec(bundle).name
     with training_scope(name, history):  # rehearsal-free: older tasks' training data stays closed
@@ -114,15 +129,15 @@ def run_expand(
     torch.manual_seed(cfg.expand.seed)
     add_task(model, name)
     added = grow(model, probe) if probe is not None else 0
-    if variant == "seq-ft":
+    if variant == "seq-ft":  # the upcycled experts themselves train: their changes live only in memory
         for layer in cmoe_layers(model).values():
             layer.experts.requires_grad_(True)
 
     spec = TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
                      seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config,
-                     checkpoint_dir=out_dir / "checkpoints", checkpoint_every=cfg.expand.checkpoint_every,
+                     checkpoint_dir=Path(out_dir) / "checkpoints", checkpoint_every=cfg.expand.checkpoint_every,
                      desc=f"expand {name}")
-    with route(model, None if single_router else [name]):
+    with route(model, None if variant != "cmoe" else [name]):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] if variant == "seq-ft" else trainable_parameters(model)
         result = train(model, params, data.encoded, processor.collate, moe_loss, spec)
@@ -130,7 +145,4 @@ def run_expand(
     check_ranks_agree(params, f"expand {name}")  # N processes (torchrun): every rank trained the same
     model.requires_grad_(False)
     locator = fit_locator(model, processor, data, cfg) if variant == "cmoe" else {}
-    # Only rank 0 writes the state; the other ranks wait for it (a no-op in one process).
-    state = on_rank0(lambda: save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True),
-                     default=out_dir / "state")
-    return ExpandResult(name, str(state), added, asdict(result), locator, time.perf_counter() - t0)
+    return name, added, result, locator
