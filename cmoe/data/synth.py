@@ -267,7 +267,7 @@ def caption_attributes(text: str) -> list[str]:
     return found
 
 
-def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 6000, n_test: int = 300) -> Path:
+def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 8000, n_test: int = 300) -> Path:
     """Write the captioning corpus the tiny base is pretrained on (every style, every attribute)."""
     pre = {split: _pretrain_records(random.Random(f"{seed}/pretrain/{split}"), n)
            for split, n in (("train", n_train), ("test", n_test))}
@@ -278,7 +278,7 @@ def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 6000, n_test:
 
 def synth_suite(
     out: Path, suite: str = "coin-mini", seed: int = 0, n_train: int = 1200, n_test: int = 200,
-    n_pretrain: int = 6000,
+    n_pretrain: int = 8000,
 ) -> list[Path]:
     """Write the suite's task bundles (`NN-name/`, in order) and `pretrain/` under `out`."""
     if suite not in SUITES:
