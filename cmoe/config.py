@@ -67,12 +67,11 @@ class ProbeConfig(_Section):
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split
     tau: float | None = None  # fixed threshold; None = uniform share k / (E_l + 1)
     tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
-    # Cap on expanded layers per task (None = no cap). 1 by default: on the tiny base's two CMoE
-    # layers the uniform-share threshold admits both layers for every task (measured shares
-    # 0.32-0.78 vs tau 0.20-0.40 on coin-mini), i.e. as much growth as naive expansion; the cap
-    # keeps the layer the probe needs most. See docs/method.md.
-    max_layers_per_task: int | None = 1
-    double_expert_ratio: float = 2.0  # score >= ratio * tau adds 2 experts instead of 1
+    max_layers_per_task: int | None = None  # cap on expanded layers per task; None = no cap
+    # score >= ratio * tau adds 2 experts instead of 1; None = always 1. Off by default: on
+    # coin-mini's tiny base most scores pass 2 * tau once the pool has grown (tau falls as experts
+    # are added), and doubling then added more parameters than naive expansion (docs/method.md).
+    double_expert_ratio: float | None = None
 
 
 class ExpandConfig(_Section):

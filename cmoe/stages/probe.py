@@ -61,7 +61,8 @@ def make_plan(cfg: CmoeConfig, scores: dict[int, dict]) -> dict[int, int]:
     chosen.reverse()  # highest score first, so a cap keeps the layers that need it most
     if cfg.probe.max_layers_per_task is not None:
         chosen = chosen[: cfg.probe.max_layers_per_task]
-    return {layer: 2 if share >= cfg.probe.double_expert_ratio * scores[layer]["tau"] else 1
+    ratio = cfg.probe.double_expert_ratio
+    return {layer: 2 if ratio is not None and share >= ratio * scores[layer]["tau"] else 1
             for share, layer in chosen}
 
 

@@ -90,16 +90,16 @@ def test_layers_below_tau_get_nothing_and_an_empty_plan_is_allowed(make_cfg) -> 
 
 
 def test_one_expert_at_tau_and_two_at_the_double_ratio(make_cfg) -> None:
-    uncapped = {"max_layers_per_task": None}
+    uncapped = {"max_layers_per_task": None, "double_expert_ratio": 2.0}
     plan = make_plan(make_cfg(probe=uncapped), scores(0.25, 0.49, 0.5, 0.9, 0.2))
     assert plan == {0: 1, 1: 1, 2: 2, 3: 2}
     assert make_plan(make_cfg(probe={**uncapped, "double_expert_ratio": 3.0}), scores(0.5, 0.75)) == {0: 1, 1: 2}
 
 
-def test_the_default_cap_expands_only_the_layer_the_probe_needs_most(make_cfg) -> None:
-    assert make_plan(make_cfg(), scores(0.3, 0.8, 0.1, 0.4, 0.6)) == {1: 2}
+def test_by_default_every_layer_at_tau_gets_exactly_one_expert(make_cfg) -> None:
+    assert make_plan(make_cfg(), scores(0.3, 0.8, 0.1, 0.4, 0.6)) == {0: 1, 1: 1, 3: 1, 4: 1}
 
 
 def test_the_layer_cap_keeps_the_highest_scores(make_cfg) -> None:
-    plan = make_plan(make_cfg(probe={"max_layers_per_task": 2}), scores(0.3, 0.8, 0.1, 0.4, 0.6))
+    plan = make_plan(make_cfg(probe={"max_layers_per_task": 2, "double_expert_ratio": 2.0}), scores(0.3, 0.8, 0.1, 0.4, 0.6))
     assert plan == {1: 2, 4: 2}
