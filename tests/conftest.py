@@ -1,5 +1,29 @@
-"""Suite-wide set-up: the same offline, quiet environment the CLI uses."""
+"""Suite-wide set-up: the CLI's offline environment, and one tiny suite + base per session."""
+
+from pathlib import Path
+
+import pytest
 
 from cmoe.env import apply_defaults
 
 apply_defaults()
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The first two bundles of a tiny coin-mini (64 train / 16 test rows each) and its corpus."""
+    from cmoe.data.synth import synth_suite
+
+    return synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)[:2]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny pretrained base (tiny_test_config's recipe), built once per session for every test."""
+    from cmoe.config import tiny_test_config
+    from cmoe.stages.pretrain import build_base
+
+    home = tmp_path_factory.mktemp("base-home")
+    built = build_base(tiny_test_config(home).base, home / "base", corpus=tiny_suite[0].parent / "pretrain",
+                       cache_dir=home / "cache")
+    return Path(built.path)

@@ -33,22 +33,15 @@ def prefect_api() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The first two bundles of a tiny coin-mini (64 train / 16 test rows each)."""
-    from cmoe.data.synth import synth_suite
-
-    return synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)[:2]
+def suite(tiny_suite: list[Path]) -> list[Path]:
+    """The first two bundles of the session's tiny coin-mini (tests/conftest.py)."""
+    return tiny_suite
 
 
 @pytest.fixture(scope="session")
-def base_dir(suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny pretrained base shared by every test home (built once per session)."""
-    from cmoe.config import tiny_test_config
-    from cmoe.stages.pretrain import build_base
-
-    home = tmp_path_factory.mktemp("base")
-    return Path(build_base(tiny_test_config(home).base, home / "base", corpus=suite[0].parent / "pretrain",
-                           cache_dir=home / "cache").path)
+def base_dir(tiny_base: Path) -> Path:
+    """The session's tiny pretrained base, shared by every test home (tests/conftest.py)."""
+    return tiny_base
 
 
 def tiny_config_file(folder: Path, base: Path, name: str, inbox: str | None = None, **gate: Any) -> str:

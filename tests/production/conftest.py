@@ -263,21 +263,4 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
 
 
 # ---------------------------------------------------------------------------- tiny lineage inputs
-@pytest.fixture(scope="session")
-def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """The first two bundles of a tiny coin-mini (64 train / 16 test rows each) and its corpus."""
-    from cmoe.data.synth import synth_suite
-
-    return synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)[:2]
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny pretrained base (tiny_test_config's recipe), built once per session."""
-    from cmoe.config import tiny_test_config
-    from cmoe.stages.pretrain import build_base
-
-    home = tmp_path_factory.mktemp("base-home")
-    built = build_base(tiny_test_config(home).base, home / "base", corpus=tiny_suite[0].parent / "pretrain",
-                       cache_dir=home / "cache")
-    return Path(built.path)
+# tiny_suite and tiny_base: session fixtures of tests/conftest.py
