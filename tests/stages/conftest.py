@@ -37,23 +37,15 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def suite(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """The first two coin-mini bundles (64 train / 16 test rows each) of a tiny synthetic suite."""
-    from cmoe.data.synth import synth_suite
-
-    paths = synth_suite(tmp_path_factory.mktemp("suite"), n_train=64, n_test=16, n_pretrain=64)
-    return [str(p) for p in paths[:2]]
+def suite(tiny_suite: list[Path]) -> list[str]:
+    """The first two bundles of the session's tiny coin-mini (tests/conftest.py), as URIs."""
+    return [str(p) for p in tiny_suite]
 
 
 @pytest.fixture(scope="session")
-def base_dir(suite: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny pretrained base, built once per session from the suite's pretraining corpus."""
-    from cmoe.stages.pretrain import build_base
-
-    home = tmp_path_factory.mktemp("base-home")
-    built = build_base(tiny_test_config(home).base, home / "base", corpus=Path(suite[0]).parent / "pretrain",
-                       cache_dir=home / "cache")
-    return Path(built.path)
+def base_dir(tiny_base: Path) -> Path:
+    """The session's tiny pretrained base (tests/conftest.py)."""
+    return tiny_base
 
 
 @pytest.fixture
