@@ -25,7 +25,10 @@ Design decisions (METHOD_NOTES "choices" in brackets):
   promoting keeps the trained probe and router as the warm start of a real expert [5].
 - **Aux loss**: `E * sum_e mean_prob_e * top1_fraction_e` (MoE-LLaVA / DeepSpeed), computed per
   task present in the batch over that task's tokens and weighted by its token share, so it only
-  pushes on the router that is training [7]. Every token counts, padding included (as MoE-LLaVA).
+  pushes on the router that is training [7]. Under `balance_scope` (training) padding tokens do
+  not count and the counts are global-batch counts, summed over data-parallel ranks (Megatron's
+  "global" balancing; MoE-LLaVA balances each rank's micro-batch): the loss no longer depends on
+  how the batch is split, so N ranks train exactly as one process.
 - No capacity factor: with per-task routers and tiny batches dropping tokens only adds noise.
 """
 
@@ -52,10 +55,16 @@ _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 class RoutingState:
-    """Per-sample task indices, shared by every CMoE layer of one model; set by `routing.route`."""
+    """Per-sample task indices, shared by every CMoE layer of one model; set by `routing.route`.
+
+    While training, `balance_scope` also sets which tokens count for load balancing (not padding)
+    and how to sum its statistics over data-parallel ranks.
+    """
 
     def __init__(self) -> None:
         self.task_ids: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # (B, S) bool: tokens the balance loss counts
+        self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum over ranks
 
 
 @dataclass(frozen=True)
@@ -93,11 +102,31 @@ def topk_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return gates / gates.sum(dim=-1, keepdim=True), idx, probs
 
 
-def load_balancing_loss(probs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """MoE-LLaVA aux loss `E * sum_e mean_prob_e * top1_fraction_e` over tokens of one router."""
-    n_experts = probs.shape[-1]
-    top1 = F.one_hot(idx[:, 0], n_experts).float().mean(dim=0)  # not differentiable, as in DeepSpeed
-    return n_experts * (probs.mean(dim=0) * top1).sum()
+def load_balancing_loss(
+    probs: torch.Tensor, idx: torch.Tensor, task_of: torch.Tensor | None = None, router_sizes: list[int] | None = None,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """MoE-LLaVA's aux loss `E_t * sum_e mean_prob_e * top1_fraction_e` per router, weighted by token share.
+
+    probs (N, E) and top-k idx (N, k) of N tokens; `task_of` (N,) says whose router each token used
+    (default: all router 0) and `router_sizes[t]` how many experts router t spans (default: E).
+    The top-1 and token counts are summed with `reduce_sum` (over data-parallel ranks): the loss is
+    then that of the global batch, and what each rank returns is its tokens' part of it (the parts
+    add up, so N ranks train as one process would). Counts carry no gradient, as in DeepSpeed.
+    """
+    n, n_experts = probs.shape
+    task_of = torch.zeros(n, dtype=torch.long, device=probs.device) if task_of is None else task_of
+    sizes = torch.tensor(router_sizes or [n_experts], dtype=probs.dtype, device=probs.device)
+    counts = probs.new_zeros(len(sizes), n_experts + 1)  # top-1 counts per router, then its token count
+    counts.index_put_((task_of, idx[:, 0]), probs.new_ones(n), accumulate=True)
+    counts[:, n_experts] = torch.bincount(task_of, minlength=len(sizes)).to(probs.dtype)
+    if reduce_sum is not None:
+        counts = reduce_sum(counts)
+    tokens = counts[:, n_experts]
+    prob_sums = probs.new_zeros(len(sizes), n_experts).index_add(0, task_of, probs)  # differentiable
+    # sum_t (N_t/N) * E_t * sum_e (count_te/N_t) * (prob_sum_te/N_t); empty routers contribute 0
+    weight = sizes / (tokens.sum().clamp(min=1) * tokens.clamp(min=1))
+    return (weight.unsqueeze(1) * counts[:, :n_experts] * prob_sums).sum()
 
 
 GroupedExperts = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -206,15 +235,18 @@ class CMoELayer(nn.Module):
     def _aux_loss(
         self, probs: torch.Tensor, idx: torch.Tensor, tasks: list[int], token_task: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Load-balancing loss per router present, each over its own experts, weighted by token share."""
-        if token_task is None:
-            return load_balancing_loss(probs[:, : self.routers[tasks[0]].shape[0]], idx)
-        total = probs.new_zeros(())
-        for t in tasks:
-            rows = (token_task == t).nonzero().squeeze(1)
-            n_t = self.routers[t].shape[0]
-            total = total + rows.numel() / token_task.numel() * load_balancing_loss(probs[rows, :n_t], idx[rows])
-        return total
+        """Load-balancing loss of this forward's tokens (padding left out under `balance_scope`)."""
+        task_of = token_task if token_task is not None else torch.full(
+            (probs.shape[0],), tasks[0], dtype=torch.long, device=probs.device)
+        routers = [r.shape[0] for r in self.routers]
+        keep = self.routing.token_mask
+        if keep is not None:
+            if keep.numel() != probs.shape[0]:
+                raise RuntimeError(f"CMoE layer {self.layer_index}: token mask of {keep.numel()} tokens "
+                                   f"for {probs.shape[0]} routed tokens")
+            rows = keep.reshape(-1).to(probs.device).nonzero().squeeze(1)
+            probs, idx, task_of = probs[rows], idx[rows], task_of[rows]
+        return load_balancing_loss(probs, idx, task_of, routers, self.routing.reduce_sum)
 
     @torch.no_grad()
     def _record(self, probs: torch.Tensor, idx: torch.Tensor) -> None:
@@ -418,6 +450,21 @@ def trainable_parameters(model: nn.Module, task: str | None = None) -> list[nn.P
             params += layer.probe.parameters()
         params.append(layer.routers[-1])
     return params
+
+
+@contextmanager
+def balance_scope(
+    model: nn.Module, attention_mask: torch.Tensor | None, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Iterator[None]:
+    """Forwards inside count only `attention_mask` tokens for load balancing, summed over ranks by `reduce_sum`."""
+    state = cmoe_info(model).routing
+    previous = state.token_mask, state.reduce_sum
+    state.token_mask = None if attention_mask is None else attention_mask.bool()
+    state.reduce_sum = reduce_sum
+    try:
+        yield
+    finally:
+        state.token_mask, state.reduce_sum = previous
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

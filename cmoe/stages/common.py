@@ -14,10 +14,11 @@ from cmoe.data.bundle import TaskSpec, bundle_sha256
 from cmoe.data.loading import load_split, read_task_spec
 from cmoe.data.storage import fetch_bundle
 from cmoe.model.base import load_base
-from cmoe.model.cmoe_layer import aux_loss
+from cmoe.model.cmoe_layer import aux_loss, balance_scope
 from cmoe.model.processor import Encoded, VLProcessor
 from cmoe.model.state import load_state, read_manifest
 from cmoe.model.surgery import convert_to_cmoe
+from cmoe.stages.trainer import GlobalBatch
 
 
 class StageError(RuntimeError):
@@ -81,7 +82,9 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(idx[k:]), sorted(idx[:k])
 
 
-def moe_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """LM loss on the answer tokens + the weighted load-balancing loss of the training router."""
-    lm = model(**batch).loss
-    return lm + aux_loss(model)
+def moe_loss(model: nn.Module, batch: dict, glob: GlobalBatch) -> torch.Tensor:
+    """This micro-batch's share of: token-mean LM loss on the answers + weighted load balancing of the global batch."""
+    with balance_scope(model, batch.get("attention_mask"), glob.reduce_sum):
+        lm = model(**batch, num_items_in_batch=glob.label_tokens).loss  # sum / global count: HF's convention
+    # Each micro-step's balance loss covers all ranks' current micro-batches; the step averages them.
+    return lm + aux_loss(model) / glob.micro_steps

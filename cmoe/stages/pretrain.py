@@ -28,7 +28,7 @@ from cmoe.model.base import build_tiny_llava, save_base, tiny_image_processor, w
 from cmoe.model.inference import answer
 from cmoe.model.processor import PROMPT, VLProcessor
 from cmoe.model.tokenizer import train_tokenizer
-from cmoe.stages.trainer import TrainSpec, train
+from cmoe.stages.trainer import GlobalBatch, TrainSpec, train
 
 CARD = "cmoe_base.json"  # written last into the base folder: its presence means "complete"
 
@@ -47,9 +47,9 @@ class BaseBuildResult:
     wall_s: float
 
 
-def lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Next-token loss on the supervised (answer) tokens only."""
-    return model(**batch).loss
+def lm_loss(model: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Tensor:
+    """Next-token loss on the supervised tokens: this micro-batch's share of the global token mean."""
+    return model(**batch, num_items_in_batch=glob.label_tokens).loss
 
 
 def _recipe(cfg: BaseModelConfig, corpus_sha: str) -> str:

@@ -1,9 +1,14 @@
 """The one DeepSpeed trainer behind every training in cmoe (probe, expansion, locator, baselines).
 
 Same entry point in-process (world size 1, CPU or one GPU) and under `torchrun` / the `deepspeed`
-launcher (N processes; scripts started by the latter must accept `--local_rank`). With the same
-seed and global batch, N processes give the weights of 1 process, provided `loss_fn` returns the
-mean over its batch. `on_log` and the progress bar run on rank 0 only.
+launcher (N processes; scripts started by the latter must accept `--local_rank`). A global batch
+is split over ranks and gradient-accumulation micro-steps; `loss_fn` gets a `GlobalBatch` and
+returns its micro-batch's *share* of the global-batch loss (shares add up to the loss one forward
+over the whole global batch computes). The trainer undoes DeepSpeed's averaging over ranks and
+micro-steps, so with the same seed and global batch N processes give the weights of 1 process
+for any loss written that way: a token-mean LM loss (`GlobalBatch.label_tokens`, the HF
+`num_items_in_batch` convention) as much as a per-example mean. `on_log` and the progress bar
+run on rank 0 only.
 
 Resume checkpoints are DeepSpeed's own, i.e. torch pickles: they live in `spec.checkpoint_dir`
 (visible to every rank) only to resume this run, are deleted when it finishes, and must never be
@@ -36,6 +41,7 @@ from tqdm.auto import tqdm
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 _STEP_TAG = re.compile(r"^step(\d+)(_universal)?$")
 _KEEP_CHECKPOINTS = 2
+IGNORE_INDEX = -100  # label value losses skip (Hugging Face's convention)
 # Files DeepSpeed writes next to the step folders (markers and its conversion scripts).
 _DEEPSPEED_EXTRAS = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py")
 
@@ -61,6 +67,26 @@ class TrainSpec:
     log_every: int = 10
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """The global batch (one optimizer step) a micro-batch is part of: what a loss needs for its share.
+
+    The step is `world_size` ranks × `micro_steps` micro-batches. Sum-type losses divide by the
+    global count (`samples` or `label_tokens`) instead of their micro-batch's; statistics that are
+    not sums over examples (e.g. MoE load balancing) are summed over ranks with `reduce_sum`.
+    """
+
+    samples: int  # examples in the global batch (= TrainSpec.batch_size)
+    label_tokens: int  # supervised tokens (labels != -100) in the global batch; 0 when batches carry no labels
+    world_size: int
+    micro_steps: int  # gradient-accumulation micro-batches per rank and step
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the ranks' current micro-batches
+
+    def share(self, mean_loss: torch.Tensor, n: int) -> torch.Tensor:
+        """The share of a loss that is a mean over this micro-batch's `n` examples."""
+        return mean_loss * (n / self.samples)
+
+
 @dataclass
 class TrainResult:
     """Summary of one `train` call; JSON-serialisable with `dataclasses.asdict`."""
@@ -81,7 +107,7 @@ def train(
     params: list[torch.nn.Parameter],
     dataset: Sequence,
     collate: Callable[[list], dict],
-    loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
+    loss_fn: Callable[[torch.nn.Module, dict, GlobalBatch], torch.Tensor],
     spec: TrainSpec,
     on_log: Callable[[int, dict], None] | None = None,
 ) -> TrainResult:
@@ -161,19 +187,23 @@ def train(
             # RNG (e.g. dropout) as a function of (seed, step): a resumed run draws what an uninterrupted one would.
             torch.manual_seed(spec.seed * 1_000_003 + step)
             lr = engine.get_lr()[0]  # this step's rate (after the step the scheduler already points at the next)
+            batches = [_to_device(collate([dataset[i] for i in mine[j * micro : (j + 1) * micro]]), engine.device)
+                       for j in range(accum)]
+            glob = GlobalBatch(samples=spec.batch_size, label_tokens=_global_label_tokens(batches, engine.device),
+                               world_size=world, micro_steps=accum, reduce_sum=_reduce_sum)
             loss_sum = torch.zeros((), device=engine.device)
-            for j in range(accum):
-                batch = collate([dataset[i] for i in mine[j * micro : (j + 1) * micro]])
-                batch = {k: v.to(engine.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for batch in batches:
                 # bf16 autocast (GPU configs) also covers loss_fn code that calls engine.module directly.
                 with autocast_if_enabled(engine):
-                    loss = loss_fn(engine, batch)
-                engine.backward(loss)
+                    share = loss_fn(engine, batch, glob)
+                # DeepSpeed averages gradients over ranks; × world (and no ÷ micro-steps) makes the
+                # update the gradient of the sum of shares, i.e. of the global-batch loss.
+                engine.backward(share * world, scale_wrt_gas=False)
                 engine.step()  # steps the optimizer + schedule only at the accumulation boundary
-                loss_sum += loss.detach().float()
+                loss_sum += share.detach().float()
             # Report the global batch's loss: the same number on every rank and for any world size.
             dist.all_reduce(loss_sum)
-            loss_value = loss_sum.item() / (accum * world)
+            loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"{spec.desc}: loss is {loss_value} at step {step + 1}")
             losses.append(loss_value)
@@ -298,6 +328,23 @@ def _init_distributed(device_type: str) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     # DeepSpeed's CPU accelerator defaults to oneCCL, which is not installed; gloo is.
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else None)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _global_label_tokens(batches: list[dict], device: torch.device) -> int:
+    """Supervised tokens of the global batch: this rank's micro-batches, summed over ranks (HF's count)."""
+    mine = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches if "labels" in b)
+    return int(_reduce_sum(torch.tensor(mine, device=device)).item())
+
+
+def _reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the ranks (a new tensor; `t` itself is left alone). Every rank must call it."""
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
 
 
 def _free_port() -> int:

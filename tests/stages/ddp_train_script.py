@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cmoe.stages.trainer import TrainSpec, train
+from cmoe.stages.trainer import GlobalBatch, TrainSpec, train
 
 
 class Stopped(RuntimeError):
@@ -41,9 +41,9 @@ def collate(items: list) -> dict:
     return {"x": torch.stack([x for x, _ in items]), "y": torch.stack([y for _, y in items])}
 
 
-def loss_fn(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Cross-entropy of the MLP's logits."""
-    return torch.nn.functional.cross_entropy(engine(batch["x"]), batch["y"])
+def loss_fn(engine: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Tensor:
+    """Cross-entropy of the MLP's logits: this micro-batch's share of the global-batch mean."""
+    return glob.share(torch.nn.functional.cross_entropy(engine(batch["x"]), batch["y"]), len(batch["y"]))
 
 
 def main() -> None:

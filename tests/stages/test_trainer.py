@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmoe.stages.trainer import TrainSpec, _epoch_order, _lr_factor, train
+from cmoe.stages.trainer import GlobalBatch, TrainSpec, _epoch_order, _lr_factor, train
 
 from .ddp_train_script import build, collate, loss_fn
 
@@ -139,16 +139,49 @@ def test_gpu_config_keeps_weights_fp32() -> None:
     model, data = build(0)
     frozen, dtypes = frozen_digest(model), []
 
-    def bf16_loss(engine: torch.nn.Module, batch: dict) -> torch.Tensor:
+    def bf16_loss(engine: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Tensor:
         logits = engine(batch["x"])
         dtypes.append(logits.dtype)
-        return torch.nn.functional.cross_entropy(logits.float(), batch["y"])
+        return glob.share(torch.nn.functional.cross_entropy(logits.float(), batch["y"]), len(batch["y"]))
 
     params = [p for p in model.parameters() if p.requires_grad]
     train(model, params, data, collate, bf16_loss, TrainSpec(steps=2, batch_size=16, deepspeed_config="zero2_gpu_bf16"))
     assert dtypes == [torch.bfloat16] * 2  # compute in bf16 ...
     assert all(p.dtype == torch.float32 for p in model.parameters())  # ... weights stay fp32
     assert frozen_digest(model) == frozen
+
+
+def token_loss(engine: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Tensor:
+    """Cross-entropy over each example's 1-4 repeated "tokens": a token mean over the global batch."""
+    logits = engine(batch["x"]).unsqueeze(1).expand(-1, batch["labels"].shape[1], -1)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="sum")
+    return per_token / glob.label_tokens
+
+
+def token_collate(items: list) -> dict:
+    """(x, y) pairs with y repeated 1-4 times per example (the rest -100): examples of unequal weight."""
+    batch = collate(items)
+    n_tokens = (batch["x"][:, 4].abs() * 3).long().clamp(0, 3) + 1
+    labels = batch["y"].unsqueeze(1).repeat(1, 4)
+    batch["labels"] = labels.masked_fill(torch.arange(4) >= n_tokens.unsqueeze(1), -100)
+    return batch
+
+
+def test_gradient_accumulation_gives_the_update_of_one_forward_over_the_global_batch(tmp_path: Path) -> None:
+    """Micro-batches of unequal token counts: shares of the global token mean add up to it exactly."""
+    accum4 = tmp_path / "accum4.json"
+    accum4.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 0}}))
+    weights, losses = [], []
+    for config in ("zero0", accum4):
+        model, data = build(0)
+        params = [p for p in model.parameters() if p.requires_grad]
+        result = train(model, params, data, token_collate, token_loss,
+                       TrainSpec(steps=6, batch_size=16, lr=1e-2, deepspeed_config=config))
+        weights.append(trainable(model))
+        losses.append(result.final_loss)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for name, tensor in weights[0].items():
+        assert torch.allclose(tensor, weights[1][name], rtol=0, atol=1e-6), name
 
 
 def test_fails_fast_on_bad_input(tmp_path: Path) -> None:
