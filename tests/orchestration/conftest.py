@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-# Prefect reads its settings when first imported: this session gets its own home.
+# Prefect reads its settings when first imported: this session gets its own home, removed at exit.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cmoe-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
