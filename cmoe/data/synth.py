@@ -148,6 +148,9 @@ class TaskDef:
     questions: tuple[str, ...]  # paraphrases; one is drawn per example
     answer: Callable[[Scene], str]
     extra_answers: Callable[[Scene], list[str]] = lambda s: []
+    # Wordings no bundle ever uses: to measure how the task locator copes with re-worded questions
+    # (benchmarks/locator_wording.py).
+    unseen_questions: tuple[str, ...] = ()
 
 
 def _count_digits(s: Scene) -> list[str]:
@@ -160,29 +163,34 @@ COIN_MINI: tuple[TaskDef, ...] = (
         "shape-name", "Classify the shape in the picture (ImageNet-like).", "exact_match", plain_scene,
         ("What shape is shown in the picture?", "Which shape is this?", "Name the shape you see."),
         lambda s: s.shapes[0][1],
+        unseen_questions=("what shape is this?", "Identify the shape.", "Which figure is drawn?"),
     ),
     TaskDef(
         "color-name", "Name the colour of the shape (same images as shape-name, another question).",
         "exact_match", plain_scene,
         ("What color is the shape?", "Which color does the object have?", "Tell me the color of the figure."),
         lambda s: s.shapes[0][0],
+        unseen_questions=("what color is the shape?", "What colour is it?", "Which color is the figure?"),
     ),
     TaskDef(
         "count-shapes", "Count the objects in a small scene (VQAv2/GQA-like counting).", "exact_match",
         multi_scene,
         ("How many shapes are there?", "Count the objects in the image.", "How many figures can you count?"),
         lambda s: COUNT_WORDS[len(s.shapes) - 1], _count_digits,
+        unseen_questions=("How many objects do you see?", "count the shapes.", "What is the number of figures?"),
     ),
     TaskDef(
         "read-letter", "Read the capital letter printed on a card (OCR-VQA / TextVQA-like).", "exact_match",
         card_scene,
         ("Which letter is printed on the card?", "What letter is written here?", "Read the text on the card."),
         lambda s: s.letter.lower(),
+        unseen_questions=("What letter is on the card?", "which letter do you see?", "What does the card say?"),
     ),
     TaskDef(
         "locate-shape", "Say which quadrant holds the shape (coarse grounding).", "exact_match", grid_scene,
         ("In which corner is the shape?", "Where is the object located?", "Which quadrant contains the figure?"),
         lambda s: s.region,
+        unseen_questions=("Where is the shape?", "In which quadrant is the object?", "Which corner holds the figure?"),
     ),
 )
 

@@ -11,6 +11,16 @@ from transformers import PreTrainedModel
 from cmoe.model.processor import VLProcessor
 
 
+def default_device() -> torch.device:
+    """Where a freshly loaded model runs: the GPU when one is visible (as training does), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's weights: batches must be collated onto it (after training, a GPU)."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def answer(
     model: PreTrainedModel,
@@ -26,7 +36,7 @@ def answer(
     out: list[str] = []
     for i in range(0, len(questions), batch_size):
         enc = [processor.encode(im, q) for im, q in zip(images[i:i + batch_size], questions[i:i + batch_size])]
-        b = processor.collate(enc, left_pad=True)
+        b = processor.collate(enc, left_pad=True, device=device_of(model))
         gen = model.generate(
             input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,

@@ -41,23 +41,42 @@ def locator_features(
     batch without images gets zeros for the image half. Image and padding tokens are left out of
     the text mean.
     """
-    embeds = model.get_input_embeddings()
-    cfg = model.config
-    text = embeds(input_ids)
-    keep = input_ids != cfg.image_token_id
+    text_mean = text_features(model, input_ids, attention_mask)
+    if pixel_values is None:
+        return torch.cat([torch.zeros_like(text_mean), text_mean], dim=-1)
+    return torch.cat([image_features(model, pixel_values), text_mean], dim=-1)
+
+
+@torch.no_grad()
+def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The text half (B, d): mean input embedding of the prompt's text tokens (not image, not padding)."""
+    text = model.get_input_embeddings()(input_ids)
+    keep = input_ids != model.config.image_token_id
     if attention_mask is not None:
         keep &= attention_mask.bool()
     w = keep.unsqueeze(-1).to(text.dtype)
-    text_mean = (text * w).sum(1) / w.sum(1).clamp_min(1.0)
-    if pixel_values is None:
-        image_mean = torch.zeros_like(text_mean)
-    else:
-        out = model.model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
-        )
-        image_mean = torch.stack([f.mean(0) for f in out.pooler_output]).to(text.dtype)
-    return torch.cat([image_mean, text_mean], dim=-1).float()
+    return ((text * w).sum(1) / w.sum(1).clamp_min(1.0)).float()
+
+
+@torch.no_grad()
+def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The image half (B, d): mean of the projected image tokens (vision tower + projector only)."""
+    cfg = model.config
+    out = model.model.get_image_features(
+        pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
+    )
+    return torch.stack([f.mean(0) for f in out.pooler_output]).float()
+
+
+def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """`attention_mask` with every position dropped with probability `p` (draws on the CPU `generator`).
+
+    Fed to `locator_features`, it drops text tokens from the text mean (image features do not read
+    the mask): the augmentation that makes the locator robust to re-worded questions.
+    """
+    keep = torch.rand(attention_mask.shape, generator=generator) >= p
+    return attention_mask * keep.to(attention_mask.device, attention_mask.dtype)
 
 
 class TaskVAE(nn.Module):

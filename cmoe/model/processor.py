@@ -71,8 +71,10 @@ class VLProcessor:
             ids, labels = ids + ans, labels + ans
         return Encoded(self.pixels([image])[0], torch.tensor(ids), torch.tensor(labels))
 
-    def collate(self, batch: list[Encoded], left_pad: bool = False) -> dict[str, torch.Tensor]:
-        """Pad a list of encoded examples; left padding for generation, right for training."""
+    def collate(
+        self, batch: list[Encoded], left_pad: bool = False, device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pad a list of encoded examples (left padding for generation, right for training), on `device`."""
         width = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
@@ -81,8 +83,9 @@ class VLProcessor:
             n = len(e.input_ids)
             sl = slice(width - n, width) if left_pad else slice(0, n)
             ids[i, sl], labels[i, sl], mask[i, sl] = e.input_ids, e.labels, 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": torch.stack([e.pixel_values for e in batch])}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+               "pixel_values": torch.stack([e.pixel_values for e in batch])}
+        return out if device is None else {k: v.to(device) for k, v in out.items()}
 
     def decode_answers(self, generated: torch.Tensor) -> list[str]:
         """Decode generated continuation ids (prompt already stripped) up to the first `</s>`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,10 +16,13 @@ from cmoe.data.loading import load_split, read_task_spec
 from cmoe.data.storage import fetch_bundle
 from cmoe.model.base import load_base
 from cmoe.model.cmoe_layer import aux_loss, balance_scope
+from cmoe.model.inference import default_device
 from cmoe.model.processor import Encoded, VLProcessor
 from cmoe.model.state import load_state, read_manifest
 from cmoe.model.surgery import convert_to_cmoe
-from cmoe.stages.trainer import GlobalBatch
+
+if TYPE_CHECKING:  # only a type here; importing the trainer loads DeepSpeed
+    from cmoe.stages.trainer import GlobalBatch
 
 
 class StageError(RuntimeError):
@@ -35,17 +39,18 @@ def base_dir(cfg: CmoeConfig) -> Path:
 
 
 def open_lineage(cfg: CmoeConfig, parent_state: Path | None, *, single_router: bool = False) -> tuple[nn.Module, VLProcessor]:
-    """The CMoE model to build on: the parent state, or the base freshly upcycled; plus its processor."""
+    """The CMoE model to build on (the parent state, or the base freshly upcycled) on the GPU when
+    there is one, else the CPU; plus its processor."""
     if parent_state is not None:
         model = load_state(parent_state)
         manifest = read_manifest(Path(parent_state))
         b = Path(parent_state) / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
         _, processor = load_base(b)  # tokenizer + image processor travel with the base
-        return model.eval(), processor
+        return model.eval().to(default_device()), processor
     b = base_dir(cfg)
     model, processor = load_base(b)
     convert_to_cmoe(model, cfg.moe, single_router=single_router, base_path=str(b.resolve()))
-    return model, processor
+    return model.to(default_device()), processor
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info
+from cmoe.model.inference import device_of
 from cmoe.model.params import count_params
 from cmoe.model.routing import RoutingMode, routing
 from cmoe.stages import metrics
@@ -52,7 +53,7 @@ def answer_task(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConf
     located: list[str] | None = [] if mode == "locator" else None
     bs = cfg.eval.batch_size
     for i in range(0, len(data.encoded), bs):
-        b = processor.collate(data.encoded[i:i + bs], left_pad=True)
+        b = processor.collate(data.encoded[i:i + bs], left_pad=True, device=device_of(model))
         tasks = [task] * len(b["input_ids"]) if mode == "oracle" else None
         with routing(model, mode, tasks, input_ids=b["input_ids"], pixel_values=b["pixel_values"],
                      attention_mask=b["attention_mask"]) as pred:

@@ -21,7 +21,8 @@ from cmoe.data.loading import read_task_spec
 from cmoe.model.cmoe_layer import (
     add_expert, add_task, attach_probes, cmoe_info, cmoe_layers, promote_probe, trainable_parameters,
 )
-from cmoe.model.locator import fit_task_vae, locator_features
+from cmoe.model.inference import device_of
+from cmoe.model.locator import drop_tokens, fit_task_vae, image_features, text_features
 from cmoe.model.processor import IGNORE, Encoded
 from cmoe.model.routing import route
 from cmoe.model.state import save_state
@@ -76,21 +77,26 @@ def grow(model: torch.nn.Module, probe: ProbeReport) -> int:
 
 
 def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig) -> dict:
-    """Fit task t's VAE on the pre-MoE features of its training data; add it to the locator."""
+    """Fit task t's VAE on the pre-MoE features of its training data (plus text-dropout copies); add it."""
     t0 = time.perf_counter()
+    lc = cfg.locator
     # The locator sees what inference sees: image + prompt, never the answer tokens.
     prompts = [Encoded(e.pixel_values, e.input_ids[e.labels == IGNORE], e.labels[e.labels == IGNORE])
                for e in data.encoded]
+    gen = torch.Generator().manual_seed(cfg.expand.seed)  # the same copies on every rank and every run
     feats = []
     for i in range(0, len(prompts), cfg.eval.batch_size):
-        b = processor.collate(prompts[i:i + cfg.eval.batch_size], left_pad=True)
-        feats.append(locator_features(model, b["input_ids"], b["pixel_values"], b["attention_mask"]))
-    vae = fit_task_vae(torch.cat(feats), cfg.locator, seed=cfg.expand.seed)
+        b = processor.collate(prompts[i:i + cfg.eval.batch_size], left_pad=True, device=device_of(model))
+        image = image_features(model, b["pixel_values"])  # the image half is computed once per example
+        masks = [b["attention_mask"]] + [drop_tokens(b["attention_mask"], lc.text_dropout, gen)
+                                         for _ in range(lc.augment_copies)]
+        feats += [torch.cat([image, text_features(model, b["input_ids"], m)], dim=-1).cpu() for m in masks]
+    vae = fit_task_vae(torch.cat(feats), lc, seed=cfg.expand.seed)
     locator = cmoe_info(model).locator
-    locator.temperature = cfg.locator.temperature
-    locator.add_task(data.spec.name, vae)
-    return {"samples": len(data.encoded), "features": int(feats[0].shape[1]), "wall_s": time.perf_counter() - t0,
-            "err_mean": float(vae.err_mean), "err_std": float(vae.err_std)}
+    locator.temperature = lc.temperature
+    locator.add_task(data.spec.name, vae.to(device_of(model)))
+    return {"samples": len(data.encoded), "fit_rows": sum(len(f) for f in feats), "features": int(feats[0].shape[1]),
+            "wall_s": time.perf_counter() - t0, "err_mean": float(vae.err_mean), "err_std": float(vae.err_std)}
 
 
 def run_expand(

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info
+from cmoe.model.inference import device_of
 from cmoe.model.routing import routing
 from cmoe.stages.common import open_lineage
 
@@ -38,7 +39,7 @@ def predict_rows(state_dir: str | Path, images: list[Image.Image], questions: li
     rows: list[dict] = []
     for i in range(0, len(questions), BATCH_SIZE):
         enc = [processor.encode(im.convert("RGB"), q) for im, q in zip(images[i:i + BATCH_SIZE], questions[i:i + BATCH_SIZE])]
-        b = processor.collate(enc, left_pad=True)
+        b = processor.collate(enc, left_pad=True, device=device_of(model))
         with routing(model, "single" if single else "locator", input_ids=b["input_ids"],
                      pixel_values=b["pixel_values"], attention_mask=b["attention_mask"]) as located:
             gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

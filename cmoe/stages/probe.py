@@ -25,6 +25,7 @@ from cmoe.data.storage import fetch_bundle
 from cmoe.model.cmoe_layer import (
     add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, record_routing, trainable_parameters,
 )
+from cmoe.model.inference import device_of
 from cmoe.model.routing import route
 from cmoe.stages.common import load_task, moe_loss, open_lineage, split_holdout
 from cmoe.stages.trainer import TrainSpec, train
@@ -125,7 +126,7 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
 @torch.no_grad()
 def _forward_all(model: torch.nn.Module, processor, examples: list, batch_size: int) -> None:
     for i in range(0, len(examples), batch_size):
-        model(**processor.collate(examples[i:i + batch_size]))
+        model(**processor.collate(examples[i:i + batch_size], device=device_of(model)))
 
 
 def _probe_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 import torch
 
 from cmoe.config import LocatorConfig
-from cmoe.model.locator import TaskLocator, fit_task_vae, locator_features
+from cmoe.model.locator import TaskLocator, drop_tokens, fit_task_vae, locator_features
 from cmoe.model.routing import route_by_locator
 from cmoe.model.surgery import decoder_layers
 
@@ -51,6 +51,19 @@ def test_features_come_from_before_the_decoder() -> None:
     feats = locator_features(model, **batch)
     assert feats.shape == (3, 64) and not calls
     assert torch.equal(feats[:, 32:], model.get_input_embeddings()(batch["input_ids"][:, 5:]).mean(1))
+
+
+def test_text_dropout_is_seeded_drops_about_p_and_leaves_the_image_half_alone() -> None:
+    model = cmoe_model()
+    batch = make_batch(batch=64)
+    mask = batch["attention_mask"]
+    dropped = drop_tokens(mask, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, drop_tokens(mask, 0.5, torch.Generator().manual_seed(0)))
+    assert ((dropped == 0) | (mask == 1)).all()  # only ever removes positions
+    assert 0.45 < dropped.sum() / mask.sum() < 0.55
+    full = locator_features(model, batch["input_ids"], batch["pixel_values"], mask)
+    part = locator_features(model, batch["input_ids"], batch["pixel_values"], dropped)
+    assert torch.equal(full[:, :32], part[:, :32]) and not torch.equal(full[:, 32:], part[:, 32:])
 
 
 def test_locator_routes_differently_styled_inputs_of_the_tiny_model() -> None:

@@ -49,6 +49,13 @@ def test_the_new_state_loads_with_the_task_its_experts_router_and_locator(lineag
     assert [tuple(layer.routers[0].shape) for layer in layers.values()] == [(4, 32), (2, 32)]
 
 
+def test_the_locator_fits_every_prompt_and_its_text_dropout_copies(lineage: Lineage) -> None:
+    copies = lineage.cfg.locator.augment_copies
+    assert copies > 0
+    for expanded in lineage.expands:
+        assert expanded.locator["fit_rows"] == (1 + copies) * expanded.locator["samples"]
+
+
 def test_params_added_are_the_planned_experts_with_their_router_columns(lineage: Lineage) -> None:
     model = load_state(lineage.state(1))
     size = expert_size(model)
