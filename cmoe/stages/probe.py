@@ -84,6 +84,9 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
         raise ValueError(f"{bundle}: task {name!r} is already in this lineage; a task is learned once")
     with training_scope(name, history):  # rehearsal-free: older tasks' training data stays closed
         data = load_task(bundle, "train", processor, cfg, with_answers=True)
+    # The new router's columns (and the probes' router columns) draw from torch's global RNG: seed
+    # it as the expansion does, or the plan depends on what this process drew before.
+    torch.manual_seed(cfg.expand.seed)
     add_task(model, name)
     fit_idx, held_idx = split_holdout(len(data.encoded), cfg.probe.holdout_fraction, cfg.expand.seed)
     fit = [data.encoded[i] for i in fit_idx]

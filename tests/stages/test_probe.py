@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cmoe.config import CmoeConfig
@@ -60,6 +61,17 @@ def test_report_json_chart_and_probe_weights_are_written(probe_run: tuple[CmoeCo
     for layer in report.scores:  # a trained probe and the task router (probe column included) per layer
         assert f"{layer}.router" in tensors
         assert any(k.startswith(f"{layer}.probe.") for k in tensors)
+
+
+def test_the_same_probe_twice_gives_the_same_scores(
+    probe_run: tuple[CmoeConfig, ProbeReport], suite: list[str], tmp_path: Path,
+) -> None:
+    """Seeded like the expansion: the plan must not depend on what the process drew before."""
+    cfg, first = probe_run
+    torch.manual_seed(12345)  # another global RNG state than the first run's
+    again = run_probe(cfg, suite[0], None, tmp_path / "again")
+    assert again.scores == first.scores and again.plan == first.plan
+    assert again.train["final_loss"] == first.train["final_loss"]
 
 
 def test_probing_leaves_the_parent_state_untouched(lineage: Lineage, tmp_path: Path) -> None:
