@@ -103,7 +103,7 @@ class LocatorConfig(_Section):
     temperature: float = 1.0  # softmax(-z / T) over tasks
     # Text-token dropout: besides every training prompt as asked, each VAE fits `augment_copies`
     # copies whose text tokens are each left out of the text mean with probability `text_dropout`,
-    # so that a re-worded question still lands near its task (docs/method.md, choice 10).
+    # so that a re-worded question still lands near its task (docs/method.md, choice 9).
     text_dropout: float = Field(0.3, ge=0.0, lt=1.0)
     augment_copies: int = Field(7, ge=0)
 
