@@ -76,5 +76,6 @@ def main() -> None:
         print(f"{option:>15} | {mean(asked):8.1f} | {mean(totals):5.1f} [{min(totals):4.1f}-{max(totals):4.1f}] | "
               + " | ".join(f"{x:12.1f}" for x in per_task), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -71,14 +71,13 @@ class TrainSpec:
 class GlobalBatch:
     """The global batch (one optimizer step) a micro-batch is part of: what a loss needs for its share.
 
-    The step is `world_size` ranks × `micro_steps` micro-batches. Sum-type losses divide by the
+    The step is every rank's `micro_steps` micro-batches. Sum-type losses divide by the
     global count (`samples` or `label_tokens`) instead of their micro-batch's; statistics that are
     not sums over examples (e.g. MoE load balancing) are summed over ranks with `reduce_sum`.
     """
 
     samples: int  # examples in the global batch (= TrainSpec.batch_size)
     label_tokens: int  # supervised tokens (labels != -100) in the global batch; 0 when batches carry no labels
-    world_size: int
     micro_steps: int  # gradient-accumulation micro-batches per rank and step
     reduce_sum: Callable[[torch.Tensor], torch.Tensor]  # a tensor summed over the ranks' current micro-batches
 
@@ -190,7 +189,7 @@ def train(
             batches = [_to_device(collate([dataset[i] for i in mine[j * micro : (j + 1) * micro]]), engine.device)
                        for j in range(accum)]
             glob = GlobalBatch(samples=spec.batch_size, label_tokens=_global_label_tokens(batches, engine.device),
-                               world_size=world, micro_steps=accum, reduce_sum=_reduce_sum)
+                               micro_steps=accum, reduce_sum=_reduce_sum)
             loss_sum = torch.zeros((), device=engine.device)
             for batch in batches:
                 # bf16 autocast (GPU configs) also covers loss_fn code that calls engine.module directly.
