@@ -20,7 +20,6 @@ the probe until the expansion plan is approved.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -42,6 +41,7 @@ from cmoe.config import CmoeConfig, load_config
 from cmoe.data.bundle import BundleError
 from cmoe.data.storage import StorageError, fetch_bundle
 from cmoe.data.validate import validate
+from cmoe.files import write_text_atomic
 from cmoe.registry import Champion, Registry, RegistryError, VersionInfo
 
 if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks that run them
@@ -119,9 +119,7 @@ def resumable(out: Path, result_type: type[T], compute: Callable[[Path], T]) -> 
     # Leftovers of an unfinished attempt stay: expansion resumes from its own training checkpoints.
     out.mkdir(parents=True, exist_ok=True)
     result = compute(out)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=2, default=str))
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(asdict(result), indent=2, default=str))
     return result
 
 

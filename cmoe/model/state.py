@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +35,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from cmoe.config import MoEConfig
+from cmoe.files import atomic_dir
 from cmoe.model.base import check_local_checkpoint, weights_sha256
 from cmoe.model.cmoe_layer import BASE, add_expert, add_task, cmoe_info, cmoe_layers
 from cmoe.model.locator import TaskVAE
@@ -83,7 +81,9 @@ def save_state(
     path = Path(path)
     if src is not None and src.resolve().is_relative_to(path.resolve()):
         copy_base = True  # the base lives in the directory being replaced: keep it by copying it along
-    with _atomic_dir(path, overwrite) as tmp:
+    if path.exists() and not overwrite:
+        raise StateError(f"{path}: already exists (pass overwrite=True to replace it)")
+    with atomic_dir(path) as tmp:
         if copy_base:
             if src is not None:
                 shutil.copytree(src, tmp / "base")
@@ -137,27 +137,6 @@ def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, di
         save_file({k: v.detach().contiguous() for k, v in named.items()}, file, metadata={"format": "pt"})
         entries[kind] = {"sha256": _file_sha256(file), "tensors": _tensor_specs(file)}
     return entries
-
-
-@contextmanager
-def _atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; on success rename it to `path`, on failure delete it."""
-    if path.exists() and not overwrite:
-        raise StateError(f"{path}: already exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ==================================================================== load
