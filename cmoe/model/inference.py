@@ -1,14 +1,17 @@
-"""Batched greedy answering with the KV cache: the one decoding path of evaluation and predict."""
+"""Batched greedy answering with the KV cache: the one decoding path of evaluation, predict and pretraining."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 from transformers import PreTrainedModel
 
-from cmoe.model.processor import VLProcessor
+from cmoe.model.processor import Encoded, VLProcessor
+from cmoe.model.routing import RoutingMode, routing
 
 
 def default_device() -> torch.device:
@@ -21,7 +24,49 @@ def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """Greedy answers in input order; under locator routing also each sample's located task."""
+
+    answers: list[str]
+    located: list[str] | None  # the task whose router answered (locator routing only)
+    confidence: list[float] | None  # the locator's probability for that task (locator routing only)
+
+
 @torch.no_grad()
+def decode(
+    model: PreTrainedModel, processor: VLProcessor, encoded: Sequence[Encoded], *, mode: RoutingMode | None = None,
+    task: str | None = None, batch_size: int = 64, max_new_tokens: int = 8,
+) -> Decoded:
+    """Greedy-decode every encoded prompt, left-padded per batch, routed by `mode` (None: a plain model).
+
+    `task` is the router of every sample under oracle routing; the model is in eval mode while decoding.
+    """
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    located: list[str] | None = [] if mode == "locator" else None
+    confidence: list[float] | None = [] if mode == "locator" else None
+    for i in range(0, len(encoded), batch_size):
+        b = processor.collate(list(encoded[i:i + batch_size]), left_pad=True, device=device_of(model))
+        tasks = [task] * len(b["input_ids"]) if mode == "oracle" else None
+        routed = nullcontext() if mode is None else routing(
+            model, mode, tasks, input_ids=b["input_ids"], pixel_values=b["pixel_values"],
+            attention_mask=b["attention_mask"])
+        with routed as pred:
+            gen = model.generate(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,
+                eos_token_id=processor.eos_id,
+            )
+        answers += processor.decode_answers(gen[:, b["input_ids"].shape[1]:])
+        if pred is not None:
+            located += pred.names
+            confidence += pred.probs.max(dim=-1).values.tolist()
+    model.train(was_training)
+    return Decoded(answers, located, confidence)
+
+
 def answer(
     model: PreTrainedModel,
     processor: VLProcessor,
@@ -30,18 +75,6 @@ def answer(
     batch_size: int = 64,
     max_new_tokens: int = 8,
 ) -> list[str]:
-    """Greedy-decode an answer for every (image, question); prompts are left-padded per batch."""
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    for i in range(0, len(questions), batch_size):
-        enc = [processor.encode(im, q) for im, q in zip(images[i:i + batch_size], questions[i:i + batch_size])]
-        b = processor.collate(enc, left_pad=True, device=device_of(model))
-        gen = model.generate(
-            input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,
-            eos_token_id=processor.eos_id,
-        )
-        out += processor.decode_answers(gen[:, b["input_ids"].shape[1]:])
-    model.train(was_training)
-    return out
+    """Greedy answers of a plain (not CMoE-converted) model for every (image, question)."""
+    encoded = [processor.encode(im, q) for im, q in zip(images, questions)]
+    return decode(model, processor, encoded, batch_size=batch_size, max_new_tokens=max_new_tokens).answers

@@ -17,9 +17,9 @@ import torch
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info
-from cmoe.model.inference import device_of
+from cmoe.model.inference import decode
 from cmoe.model.params import count_params
-from cmoe.model.routing import RoutingMode, routing
+from cmoe.model.routing import RoutingMode
 from cmoe.stages import metrics
 from cmoe.stages.common import TaskData, load_task, open_lineage
 
@@ -49,21 +49,9 @@ class EvalReport:
 def answer_task(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig, mode: RoutingMode,
                 task: str | None) -> tuple[list[str], list[str] | None]:
     """Greedy answers for a task's test split under `mode`; also the located task per sample."""
-    preds: list[str] = []
-    located: list[str] | None = [] if mode == "locator" else None
-    bs = cfg.eval.batch_size
-    for i in range(0, len(data.encoded), bs):
-        b = processor.collate(data.encoded[i:i + bs], left_pad=True, device=device_of(model))
-        tasks = [task] * len(b["input_ids"]) if mode == "oracle" else None
-        with routing(model, mode, tasks, input_ids=b["input_ids"], pixel_values=b["pixel_values"],
-                     attention_mask=b["attention_mask"]) as pred:
-            gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                 pixel_values=b["pixel_values"], max_new_tokens=cfg.eval.max_new_tokens,
-                                 do_sample=False, pad_token_id=processor.pad_id, eos_token_id=processor.eos_id)
-        preds += processor.decode_answers(gen[:, b["input_ids"].shape[1]:])
-        if located is not None:
-            located += pred.names
-    return preds, located
+    out = decode(model, processor, data.encoded, mode=mode, task=task, batch_size=cfg.eval.batch_size,
+                 max_new_tokens=cfg.eval.max_new_tokens)
+    return out.answers, out.located
 
 
 def task_accuracy(preds: list[str], data: TaskData) -> float:
