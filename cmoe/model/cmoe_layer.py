@@ -522,10 +522,48 @@ def probe_scores(model: nn.Module) -> dict[int, ProbeScore]:
     return {i: layer.probe_score() for i, layer in cmoe_layers(model).items()}
 
 
-def drop_probes(model: nn.Module) -> None:
-    """Remove every remaining probe; each layer returns exactly to its pre-probe state."""
+def probe_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's attached probe and current router (probe column last): the expansion's warm start."""
+    out = {}
+    for i, layer in cmoe_layers(model).items():
+        if layer.probe is None:
+            raise RuntimeError(f"CMoE layer {i}: no probe attached; call attach_probes(model) first")
+        out[f"{i}.router"] = layer.routers[-1].detach().contiguous()
+        for k, v in layer.probe.state_dict().items():
+            out[f"{i}.probe.{k}"] = v.detach().contiguous()
+    return out
+
+
+def load_probe_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Attach probes as `probe_state` saved them: each layer's trained probe and router, probe column included."""
+    layers = cmoe_layers(model)
+    saved = {int(k.split(".", 1)[0]) for k in tensors}
+    if saved != set(layers):
+        raise ValueError(f"probe state has layers {sorted(saved)}, the model's CMoE layers are {list(layers)}")
+    attach_probes(model, source=0)  # the probes' shape; their weights come from `tensors`
+    for i, layer in layers.items():
+        router = tensors.get(f"{i}.router")
+        if router is None or router.shape != layer.routers[-1].shape:
+            got = "missing" if router is None else tuple(router.shape)
+            raise ValueError(f"probe state: layer {i} router is {got}, the model's is {tuple(layer.routers[-1].shape)}")
+        prefix = f"{i}.probe."
+        layer.probe.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        with torch.no_grad():
+            layer.routers[-1].copy_(router)
+
+
+def drop_probes(model: nn.Module, keep_router: bool = False) -> None:
+    """Remove every remaining probe; each layer returns exactly to its pre-probe state.
+
+    With `keep_router` the router keeps the columns it trained beside the probe for the existing
+    experts (the warm start of a layer the expansion leaves unexpanded).
+    """
     for layer in cmoe_layers(model).values():
+        trained = layer.routers[-1].detach()[:-1].clone() if keep_router and layer.probe is not None else None
         layer.drop_probe()
+        if trained is not None:
+            with torch.no_grad():
+                layer.routers[-1].copy_(trained)
 
 
 def promote_probe(model: nn.Module, layer: int) -> int:

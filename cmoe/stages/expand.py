@@ -19,7 +19,7 @@ from cmoe.config import CmoeConfig
 from cmoe.data.guard import training_scope
 from cmoe.data.loading import read_task_spec
 from cmoe.model.cmoe_layer import (
-    add_expert, add_task, attach_probes, cmoe_info, cmoe_layers, promote_probe, trainable_parameters,
+    add_expert, add_task, cmoe_info, cmoe_layers, drop_probes, load_probe_state, promote_probe, trainable_parameters,
 )
 from cmoe.model.inference import device_of
 from cmoe.model.locator import drop_tokens, fit_task_vae, image_features, text_features
@@ -50,25 +50,13 @@ def grow(model: torch.nn.Module, probe: ProbeReport) -> int:
     """Add the planned experts (warm-started from the trained probes when there are any); params added."""
     before = sum(p.numel() for p in model.parameters())
     if probe.probe_file:
-        attach_probes(model, source=0)
-        saved = load_file(probe.probe_file)
-        for i, layer in cmoe_layers(model).items():
-            layer.probe.load_state_dict({k.split(".probe.", 1)[1]: v for k, v in saved.items()
-                                         if k.startswith(f"{i}.probe.")})
-            router = saved[f"{i}.router"]
-            with torch.no_grad():
-                layer.routers[-1].copy_(router)
+        load_probe_state(model, load_file(probe.probe_file))
         for key, n in probe.plan.items():
             idx = promote_probe(model, int(key))
             for _ in range(n - 1):
                 add_expert(model, int(key), init="copy", source=idx)
         # Layers left unexpanded keep the probe-trained router columns of their existing experts.
-        for i, layer in cmoe_layers(model).items():
-            if layer.probe is not None:
-                trained = saved[f"{i}.router"][:-1]
-                layer.drop_probe()
-                with torch.no_grad():
-                    layer.routers[-1].copy_(trained)
+        drop_probes(model, keep_router=True)
     else:
         for key, n in probe.plan.items():
             for _ in range(n):

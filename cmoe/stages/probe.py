@@ -23,7 +23,7 @@ from cmoe.data.guard import training_scope
 from cmoe.data.loading import read_task_spec
 from cmoe.data.storage import fetch_bundle
 from cmoe.model.cmoe_layer import (
-    add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, record_routing, trainable_parameters,
+    add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, probe_state, record_routing, trainable_parameters,
 )
 from cmoe.model.inference import device_of
 from cmoe.model.routing import route
@@ -114,7 +114,7 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)
     est = n_steps * cfg.expand.batch_size / max(result.samples_per_s, 1e-9)
 
-    save_file(_probe_tensors(model), str(out_dir / PROBE_FILE))
+    save_file(probe_state(model), str(out_dir / PROBE_FILE))
     report = ProbeReport(
         task=name, bundle_sha256=data.sha256, tau=scores[min(scores)]["tau"],
         scores={str(k): v for k, v in scores.items()}, plan={str(k): v for k, v in plan.items()},
@@ -130,16 +130,6 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
 def _forward_all(model: torch.nn.Module, processor, examples: list, batch_size: int) -> None:
     for i in range(0, len(examples), batch_size):
         model(**processor.collate(examples[i:i + batch_size], device=device_of(model)))
-
-
-def _probe_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Each layer's trained probe and the task router (with its probe column), to warm-start expansion."""
-    out = {}
-    for i, layer in cmoe_layers(model).items():
-        out[f"{i}.router"] = layer.routers[-1].detach().contiguous()
-        for k, v in layer.probe.state_dict().items():
-            out[f"{i}.probe.{k}"] = v.detach().contiguous()
-    return out
 
 
 def plot_scores(report: ProbeReport, path: Path) -> None:

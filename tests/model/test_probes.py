@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cmoe.model.cmoe_layer import (
-    add_expert, add_task, attach_probes, cmoe_layers, drop_probes, expert_usage, probe_scores, promote_probe,
-    record_routing,
+    add_expert, add_task, attach_probes, cmoe_layers, drop_probes, expert_usage, load_probe_state, probe_scores,
+    probe_state, promote_probe, record_routing,
 )
 from cmoe.model.routing import route
 
@@ -85,3 +85,38 @@ def test_probe_scores_need_recorded_routing() -> None:
     attach_probes(model)
     with pytest.raises(RuntimeError, match="record_routing"):
         probe_scores(model)
+
+
+def _trained_probe_state() -> dict[str, torch.Tensor]:
+    model = _probed_model()
+    attach_probes(model)
+    train_steps(model, "b", steps=2)
+    return probe_state(model)
+
+
+def test_probe_state_restores_the_trained_probes_and_router_in_a_fresh_model() -> None:
+    trained = _probed_model()
+    attach_probes(trained)
+    train_steps(trained, "b", steps=2)
+    fresh = _probed_model()
+    load_probe_state(fresh, probe_state(trained))
+    assert torch.equal(_logits(fresh), _logits(trained))
+    for mine, theirs in zip(cmoe_layers(fresh).values(), cmoe_layers(trained).values()):
+        assert torch.equal(mine.routers[-1], theirs.routers[-1])
+        assert mine.probe.down_proj.weight.requires_grad
+
+
+def test_drop_probes_can_keep_the_router_columns_trained_beside_the_probe() -> None:
+    state = _trained_probe_state()
+    model = _probed_model()
+    load_probe_state(model, state)
+    drop_probes(model, keep_router=True)
+    for i, layer in cmoe_layers(model).items():
+        assert layer.probe is None and layer.routers[-1].requires_grad
+        assert torch.equal(layer.routers[-1], state[f"{i}.router"][:-1])
+
+
+def test_probe_state_of_other_layers_is_refused() -> None:
+    state = {k: v for k, v in _trained_probe_state().items() if not k.startswith("2.")}
+    with pytest.raises(ValueError, match=r"layers \[0\], the model's CMoE layers are \[0, 2\]"):
+        load_probe_state(_probed_model(), state)
