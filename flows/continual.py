@@ -43,6 +43,7 @@ from cmoe.data.storage import StorageError, fetch_bundle
 from cmoe.data.validate import validate
 from cmoe.files import write_text_atomic
 from cmoe.registry import Champion, Registry, RegistryError, VersionInfo
+from cmoe.stages.report import Row, accuracy_table, cell
 
 if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks that run them
     from cmoe.stages.evaluate import EvalReport
@@ -351,19 +352,13 @@ def _plan_line(plan: ProbeReport) -> str:
     return f"{layers}; {plan.params_to_add:,} params to add, about {plan.est_train_s:.0f} s of training"
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
-
-
 def accuracy_markdown(report: EvalReport, lineage: list[VersionInfo]) -> str:
     """The accuracy matrix: one row per step of the lineage (the champion's ancestors, then the candidate)."""
     names = [f"v{v.version}" for v in lineage] + ["candidate"]
-    lines = ["| after | " + " | ".join(report.tasks) + " |", "|---|" + "---|" * len(report.tasks)]
-    lines += [f"| {name} ({task}) | " + " | ".join(_fmt(x) for x in row) + " |"
-              for name, task, row in zip(names, report.tasks, report.matrix)]
-    lines += ["", f"**Avg** {_fmt(report.avg_acc)}, **BWT** {_fmt(report.bwt)}, "
-                  f"**forgetting** {_fmt(report.forgetting)}, **locator accuracy** {_fmt(report.locator_acc)}"]
-    return "\n".join(lines)
+    table = accuracy_table(["after"], report.tasks, [Row([f"{name} ({task})"], row)
+                                                    for name, task, row in zip(names, report.tasks, report.matrix)])
+    return (f"{table.markdown()}\n\n**Avg** {cell(report.avg_acc)}, **BWT** {cell(report.bwt)}, "
+            f"**forgetting** {cell(report.forgetting)}, **locator accuracy** {cell(report.locator_acc)}")
 
 
 def review_markdown(result: GateResult, report: EvalReport, lineage: list[VersionInfo]) -> str:

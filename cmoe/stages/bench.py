@@ -24,6 +24,7 @@ from cmoe.stages.common import load_task, moe_loss, open_lineage
 from cmoe.stages.evaluate import evaluate_model, plot_matrix, run_evaluate
 from cmoe.stages.expand import expand_model, run_expand
 from cmoe.stages.probe import naive_plan, run_probe
+from cmoe.stages.report import Row, TextTable, accuracy_table, cell
 from cmoe.stages.trainer import TrainSpec, train
 
 METHODS = ("cmoe", "naive-expand", "single-router", "seq-ft", "joint")
@@ -126,20 +127,14 @@ def run_bench(cfg: CmoeConfig, bundles: list[str], methods: list[str], out: Path
 
 def results_markdown(results: dict) -> str:
     """The comparison table of results.json, as Markdown."""
-    def f(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.1f}"
-
-    lines = [f"Tasks, in order: {', '.join(results['tasks'])}", "",
-             "| method | Avg % | BWT | Forgetting | MAA % | locator % | params total | params added | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, m in results["methods"].items():
-        lines.append(f"| {name} | {f(m['avg_acc'])} | {f(m['bwt'])} | {f(m['forgetting'])} | {f(m['maa'])} | "
-                     f"{f(m['locator_acc'])} | {m['params_total']:,} | {sum(m['params_added']):,} | {m['wall_s']:.0f} |")
-    lines += ["", "Final accuracy per task (%):", "",
-              "| method | " + " | ".join(results["tasks"]) + " |", "|---|" + "---|" * len(results["tasks"])]
-    for name, m in results["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(f(a) for a in m["acc_matrix"][-1]) + " |")
-    return "\n".join(lines) + "\n"
+    methods = results["methods"].items()
+    summary = TextTable(
+        ["method", "Avg %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added", "wall s"],
+        [[name, *(cell(m[k]) for k in ("avg_acc", "bwt", "forgetting", "maa", "locator_acc")),
+          f"{m['params_total']:,}", f"{sum(m['params_added']):,}", f"{m['wall_s']:.0f}"] for name, m in methods])
+    final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
+    return (f"Tasks, in order: {', '.join(results['tasks'])}\n\n{summary.markdown()}\n\n"
+            f"Final accuracy per task (%):\n\n{final.markdown()}\n")
 
 
 def bundles_in(folder: Path) -> list[str]:
