@@ -1,12 +1,9 @@
-"""Build the tiny default base: train a tokenizer, pretrain a tiny LLaVA on captions, run the MoE stage, save it.
+"""Build the tiny default base: train a tokenizer, pretrain a tiny LLaVA on captions, save it.
 
 The continual stages only ever train experts and routers over a *frozen* base, and an expert can
 only re-route what the base already computes: the base must see every attribute the tasks ask
 about and be able to say every answer word. So it is pretrained, all weights, on a captioning
 corpus whose descriptions name colour, shape, count, letter and region of every image style.
-Then the MoE stage (`cmoe.stages.moe_stage`, `base.moe_epochs` > 0) upcycles the chosen MLPs and
-trains their experts and a base router on the same corpus; the base folder is the dense HF
-checkpoint plus those experts and router (`cmoe.model.moe_base`).
 Deterministic for a seed; cached by a recipe hash (config + corpus), so a second build is free.
 """
 
@@ -22,17 +19,15 @@ from pathlib import Path
 
 import torch
 
-from cmoe.config import BaseModelConfig, MoEConfig
+from cmoe.config import BaseModelConfig
 from cmoe.data.loading import load_split
 from cmoe.data.bundle import bundle_sha256
 from cmoe.data.synth import caption_attributes, write_pretrain_corpus
 from cmoe.files import atomic_dir
 from cmoe.model.base import build_tiny_llava, save_base, tiny_image_processor, weights_sha256
 from cmoe.model.inference import answer
-from cmoe.model.moe_base import save_moe_base
 from cmoe.model.processor import PROMPT, VLProcessor
 from cmoe.model.tokenizer import train_tokenizer
-from cmoe.stages.moe_stage import run_moe_stage
 from cmoe.stages.trainer import GlobalBatch, TrainSpec, train
 
 CARD = "cmoe_base.json"  # written last into the base folder: its presence means "complete"
@@ -48,9 +43,6 @@ class BaseBuildResult:
     weights_sha256: str
     params_total: int
     heldout: dict  # caption exact match and attribute recall, with the chance baselines
-    # The MoE stage's log (its training, expert utilisation and pairwise output similarity, the MoE
-    # base's held-out scores); None for a dense base (base.moe_epochs = 0)
-    moe_stage: dict | None
     train: dict | None  # TrainResult of the pretraining (None when reused)
     wall_s: float
 
@@ -60,24 +52,20 @@ def lm_loss(model: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Ten
     return model(**batch, num_items_in_batch=glob.label_tokens).loss
 
 
-def _recipe(cfg: BaseModelConfig, moe: MoEConfig, corpus_sha: str) -> str:
-    fields = {"base": cfg.model_dump(exclude={"path"}), "corpus": corpus_sha}
-    if cfg.moe_epochs:  # the MoE layout shapes the saved experts
-        fields["moe"] = moe.model_dump()
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+def _recipe(cfg: BaseModelConfig, corpus_sha: str) -> str:
+    fields = cfg.model_dump(exclude={"path"})
+    return hashlib.sha256(json.dumps({"base": fields, "corpus": corpus_sha}, sort_keys=True).encode()).hexdigest()
 
 
-def build_base(
-    cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cache_dir: Path | None = None, *, moe: MoEConfig,
-) -> BaseBuildResult:
-    """Pretrain the tiny base and run its MoE stage (layout `moe`) into `out` (reused for the same recipe)."""
+def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cache_dir: Path | None = None) -> BaseBuildResult:
+    """Pretrain the tiny base into `out` (reused when `out` already holds the same recipe)."""
     t0 = time.perf_counter()
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         if corpus is None:
             corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples)
         cache_dir = cache_dir or Path(tmp) / "cache"
-        recipe = _recipe(cfg, moe, bundle_sha256(corpus))
+        recipe = _recipe(cfg, bundle_sha256(corpus))
         card = out / CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
             saved = json.loads(card.read_text())
@@ -99,19 +87,12 @@ def build_base(
         model.requires_grad_(False).eval()
         heldout = heldout_scores(model, processor, test_rows, train_rows["answer"])
 
-        # A crash never leaves a half-saved base behind; a base of an older recipe is replaced whole.
-        with atomic_dir(out) as staging:
-            save_base(model, processor, staging)  # the dense checkpoint, before its MLPs are upcycled
-            moe_log = None
-            if cfg.moe_epochs:
-                test_data = [processor.encode(r["image"], r["question"], r["answer"]) for r in test_rows]
-                moe_log = run_moe_stage(model, processor, data, test_data, cfg, moe)
-                moe_log["heldout"] = heldout_scores(model, processor, test_rows, train_rows["answer"])
-                save_moe_base(model, staging)
-            saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
-                     "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout,
-                     "moe_stage": moe_log}
-            (staging / CARD).write_text(json.dumps({**saved, "config": cfg.model_dump()}, indent=2))
+    # A crash never leaves a half-saved base behind; a base of an older recipe is replaced whole.
+    with atomic_dir(out) as staging:
+        save_base(model, processor, staging)
+        saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
+                 "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout}
+        (staging / CARD).write_text(json.dumps({**saved, "config": cfg.model_dump()}, indent=2))
     return BaseBuildResult(**saved, reused=False, train=asdict(result), wall_s=time.perf_counter() - t0)
 
 

@@ -39,13 +39,30 @@ def test_probe_copies_the_most_used_expert_and_is_scored() -> None:
         most_used = max(range(4), key=usage[i].__getitem__)
         assert torch.equal(layer.probe.down_proj.weight, layer.experts[most_used].down_proj.weight)
         assert layer.routers[-1].shape[0] == 5 and layer.probe.down_proj.weight.requires_grad
+
+
+def test_probe_share_and_mass_are_what_the_probe_received_counted_by_hooks() -> None:
+    model = _probed_model()
+    attach_probes(model)
     train_steps(model, "b", steps=2)
+    layers = cmoe_layers(model)
+    rows = {i: 0 for i in layers}  # tokens dispatched to the probe: it only ever sees its own tokens
+    mass = {i: [] for i in layers}  # the probe column of b's router softmax, recomputed from the input
+    hooks = [layer.probe.register_forward_hook(lambda _m, args, _out, i=i: rows.__setitem__(i, rows[i] + len(args[0])))
+             for i, layer in layers.items()]
+    hooks += [layer.register_forward_pre_hook(
+        lambda m, args, i=i: mass[i].append((args[0].flatten(0, 1) @ m.routers[-1].T).softmax(-1)[:, -1]))
+        for i, layer in layers.items()]
     with record_routing(model), route(model, ["b"] * 2), torch.no_grad():
         model(**make_batch(seed=7))
+    for h in hooks:
+        h.remove()
     scores = probe_scores(model)
     assert list(scores) == [0, 2]
-    for s in scores.values():
-        assert 0.0 <= s.share <= 1.0 and 0.0 < s.mass < 1.0 and s.num_experts == 4 and s.tokens == 22
+    for i, s in scores.items():
+        assert 0 < rows[i] < 22  # the probe won some, not all, of the tokens: the check below can tell
+        assert (s.share, s.tokens, s.num_experts) == (rows[i] / 22, 22, 4)  # 2 samples x 11 tokens
+        assert s.mass == pytest.approx(torch.cat(mass[i]).mean().item(), rel=1e-5)
 
 
 def test_drop_restores_the_exact_previous_state() -> None:
