@@ -26,9 +26,11 @@ def test_locator_separates_two_distributions() -> None:
     pred = locator.predict(torch.cat([a_test, b_test]))
     truth = torch.tensor([0] * 200 + [1] * 200)
     assert (pred.index == truth).float().mean() >= 0.95
-    assert pred.tasks == ["a", "b"] and pred.names[0] in ("a", "b")
+    assert pred.tasks == ["a", "b"] and pred.names == [("a", "b")[i] for i in pred.index.tolist()]
     torch.testing.assert_close(pred.probs.sum(-1), torch.ones(400))
-    assert ((pred.margin >= 0) & (pred.margin <= 1)).all()
+    assert torch.equal(pred.probs.argmax(-1), pred.index)  # the located task is the most probable one
+    # with two tasks the margin (best minus second-best probability) is |p_a - p_b|
+    torch.testing.assert_close(pred.margin, (pred.probs[:, 0] - pred.probs[:, 1]).abs())
     # the batched pass over all VAEs equals evaluating each VAE alone
     x = torch.cat([a_test, b_test])
     alone = torch.stack([vae.errors(x) for vae in locator.vaes.values()], dim=1)
