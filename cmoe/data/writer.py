@@ -1,19 +1,23 @@
-"""Write task bundles in the ImageFolder layout, atomically, with task.yaml last.
+"""Write task bundles in the ImageFolder layout, and deliver them into an inbox: complete or not at all.
 
-A reader that sees `task.yaml` may assume the bundle is complete, so the bundle is assembled in a
-temporary sibling folder and renamed into place in one step.
+A reader that sees `task.yaml` may assume the bundle is complete, so a local bundle is assembled
+in a temporary dot-folder beside it (invisible to the watcher) and renamed into place in one step;
+on S3, where there is no rename, task.yaml is uploaded last.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from PIL import Image
+
+from cmoe.data.bundle import TASK_FILE, bundle_files
+from cmoe.data.storage import is_s3, upload_bundle
+from cmoe.files import atomic_dir
 
 
 @dataclass
@@ -31,18 +35,31 @@ def write_bundle(out: Path, task: dict, splits: dict[str, list[Record]]) -> Path
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists; bundles are immutable, choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for split, records in splits.items():
             _write_split(tmp / split, split, records)
         # Written last: its presence is the "bundle complete" signal.
-        (tmp / "task.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / TASK_FILE).write_text(yaml.safe_dump(task, sort_keys=False))
     return out
+
+
+def deliver_bundle(bundle: Path, inbox: str | Path) -> str:
+    """Put a finished bundle into an inbox (folder or s3://) as `<inbox>/<bundle name>/`; its URI there.
+
+    A bundle already in a local inbox is left as it is (bundles are immutable); links and special
+    files are refused, as the bundle's hash refuses them.
+    """
+    bundle = Path(bundle)
+    if is_s3(inbox):
+        return upload_bundle(bundle, f"{str(inbox).rstrip('/')}/{bundle.name}/")
+    target = Path(inbox) / bundle.name
+    if not target.exists():
+        files = bundle_files(bundle)
+        with atomic_dir(target) as tmp:
+            for rel in files:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(bundle / rel, tmp / rel)
+    return str(target)
 
 
 def _write_split(folder: Path, split: str, records: list[Record]) -> None:
