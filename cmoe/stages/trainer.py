@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +36,8 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
+
+from cmoe.net import free_port
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 _STEP_TAG = re.compile(r"^step(\d+)(_universal)?$")
@@ -323,7 +324,7 @@ def _init_distributed(device_type: str) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cmoe" / "torch_extensions"))
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     # DeepSpeed's CPU accelerator defaults to oneCCL, which is not installed; gloo is.
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else None)
@@ -346,13 +347,6 @@ def _reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _free_port() -> int:
-    """A TCP port that is free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     """CoIN's schedule: linear warm-up to 1, then cosine to 0 at `total`; never 0 on a step that is taken."""
     if step < warmup:
@@ -367,6 +361,8 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` step checkpoints (keep=0: all of them, the `latest` marker too)."""
+    if not ckpt_dir.is_dir():  # a run shorter than one checkpoint interval never wrote one
+        return
     tags = sorted((int(m[1]), p) for p in ckpt_dir.iterdir() if p.is_dir() and (m := _STEP_TAG.match(p.name)))
     for _, path in tags[: len(tags) - keep]:
         shutil.rmtree(path)

@@ -20,7 +20,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from cmoe.net import free_port
 
 BIN = Path(sys.executable).parent  # console scripts of this environment (mlflow, prefect, moto_server)
 PG_USER = "cmoe"
@@ -41,13 +42,6 @@ _DROP_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "P
              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "CMOE_CONFIG",
              # set by an in-process training of this pytest process (rank 0 of 1): never inherit them
              "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(probe: Callable[[], bool], timeout: float, what: str, proc: Started | None = None) -> None:

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from cmoe.config import tiny_test_config
+from cmoe.net import free_port
 
-from .conftest import BUCKET, Services, free_port, run_cli
+from .conftest import BUCKET, Services, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import asdict
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cmoe.net import free_port
 from cmoe.stages.trainer import GlobalBatch, TrainSpec, _epoch_order, _lr_factor, train
 
 from .ddp_train_script import build, collate, loss_fn
@@ -207,17 +207,11 @@ def test_fails_fast_on_bad_input(tmp_path: Path) -> None:
         train(model, params[:1], data, collate, loss_fn, spec)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _script(tmp_path: Path, out: str, *args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
     """Run the helper script alone or under torchrun with `nproc` processes."""
     launcher = [sys.executable]
     if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     # Drop the rank variables the in-process tests set: the child would join this process's group.
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
