@@ -1,15 +1,11 @@
-"""Imports point down the layers of ARCHITECTURE.md: data < model < stages; none imports Prefect or MLflow.
-
-Checked on the source (every import statement, top-level or inside a function), not on
-`sys.modules`: third-party packages may load what they like (DeepSpeed itself imports MLflow).
-"""
+"""Imports point down the layers of docs/architecture.md: data < model < stages; none imports Prefect or MLflow."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from import_graph import imported_modules
 
 import cmoe
 
@@ -18,17 +14,6 @@ LAYERS = {
     "model": ("cmoe.stages", "prefect", "mlflow"),
     "stages": ("prefect", "mlflow"),
 }
-
-
-def imported_modules(source: Path) -> set[str]:
-    """Every module an `import` or `from … import` statement of `source` names."""
-    names = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
 
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))

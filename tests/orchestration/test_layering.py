@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Top-level names of every module a source file imports (lazily or not)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-    return names
+from import_graph import ROOT, imported_modules
 
 
 def test_registry_imports_no_prefect() -> None:
