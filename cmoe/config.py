@@ -125,6 +125,25 @@ class GateConfig(_Section):
     review_plan: bool = False  # pause after the probe to approve the expansion plan
 
 
+class DataConfig(_Section):
+    """What the lineage keeps of each task's data, and what it removes (docs/data-lifecycle.md)."""
+
+    # Where each learned task's evaluation set is kept, content-addressed: a local folder or
+    # s3://bucket/prefix/ (beside the registry's S3 artifacts). None = <home>/evalsets.
+    eval_store: str | None = None
+    # Rows of a task's test split kept as its evaluation set: None = all of them; N = a seeded
+    # random subset of N rows (seed `eval_seed`), for test splits too large to re-run per version.
+    eval_keep: int | None = Field(None, ge=1)
+    eval_seed: int = 0
+    # Local copies of a decided task's training data (the S3 download, the `datasets` Arrow cache)
+    # are deleted once its version is decided; True keeps them (e.g. to debug a rejected task).
+    keep_train_cache: bool = False
+    # What the inbox watcher does with a bundle once its version is decided: leave it where the
+    # user put it, move it into `<inbox>/.processed/`, or delete it. The inbox is the user's data:
+    # nothing is deleted unless this says so.
+    after_decision: Literal["keep", "move", "delete"] = "keep"
+
+
 class RegistryConfig(_Section):
     """MLflow: where runs, metrics, artifacts and model versions are recorded."""
 
@@ -150,6 +169,7 @@ class CmoeConfig(_Section):
     home: Path = Path(".cmoe")  # all run-time state of the embedded default lives here
     inbox: str | None = None  # local folder or s3://bucket/prefix/; None = <home>/inbox
     base: BaseModelConfig = BaseModelConfig()
+    data: DataConfig = DataConfig()
     moe: MoEConfig = MoEConfig()
     probe: ProbeConfig = ProbeConfig()
     expand: ExpandConfig = ExpandConfig()

@@ -384,6 +384,9 @@ class CMoEInfo(nn.Module):
         self.base_path = base_path
         self.base_sha256: str | None = None  # set when loaded from a state directory
         self.tasks: list[str] = []
+        # Per task, plain JSON the stages record and the state saves: where its data came from
+        # (bundle and train-split hashes: the rehearsal guard's keys) and its kept evaluation set.
+        self.task_records: dict[str, dict] = {}
         self.routing = RoutingState()
         self.locator: TaskLocator = TaskLocator()
 

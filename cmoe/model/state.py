@@ -103,6 +103,7 @@ def save_state(
             },
             "locator": {"temperature": info.locator.temperature},
             "tasks": list(info.tasks),
+            "task_records": {task: info.task_records.get(task, {}) for task in info.tasks},
             "experts": {str(i): list(layer.expert_origin) for i, layer in layers.items()},
             "deltas": deltas,
         }
@@ -163,6 +164,7 @@ def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Mo
     info = cmoe_info(model)
     info.base_sha256 = sha
     info.locator.temperature = manifest["locator"]["temperature"]
+    info.task_records = {task: dict(manifest.get("task_records", {}).get(task, {})) for task in manifest["tasks"]}
     for t, task in enumerate(manifest["tasks"]):
         _apply_task(model, root, t, task, manifest)
     return model

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from cmoe.config import CmoeConfig
-from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT
+from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
 
 Decision = Literal["approved", "rejected", "pending_review"]
 PlanReview = Literal["pending", "approved", "rejected"]
@@ -118,6 +118,7 @@ class Registry:
         self._experiment = cfg.registry.experiment
         self._artifact_location = cfg.registry.artifact_location or (cfg.home / "mlartifacts").resolve().as_uri()
         self._cache = cfg.home / "registry-cache"  # local copies of registered state directories
+        self._model_config = model_config(cfg)  # how the pyfunc decodes: recorded at logging, applied at loading
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def _point_mlflow_here(self) -> None:
@@ -220,7 +221,7 @@ class Registry:
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(_MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
-                signature=SIGNATURE,
+                signature=SIGNATURE, model_config=self._model_config,
                 pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in _REQUIREMENTS])
         version_tags = {
             "cmoe.key": key, "task": task, "bundle_uri": bundle_uri, "bundle_sha256": bundle_sha256,
@@ -329,12 +330,12 @@ class Registry:
         return previous
 
     def predict(self, model_uri: str, images: list[Any], questions: list[str]) -> list[dict[str, Any]]:
-        """Answers of a registered model (e.g. `models:/cmoe@champion`) through its pyfunc wrapper."""
+        """Answers of a registered model (e.g. `models:/cmoe@champion`) through its pyfunc, decoded per this config."""
         import pandas as pd
 
         self._point_mlflow_here()
         try:
-            model = mlflow.pyfunc.load_model(model_uri)
+            model = mlflow.pyfunc.load_model(model_uri, model_config=self._model_config)
         except MlflowException as err:  # e.g. no champion yet
             raise RegistryError(f"cannot load {model_uri} from {self.tracking_uri}: {err.message}") from None
         return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")

@@ -1,7 +1,9 @@
 """The MLflow pyfunc face of a CMoE state: (image, question) rows in, answer + located task out.
 
 The wrapper holds no tensors: `load_context` only notes where the logged safetensors state
-directory lies, and prediction hands it to `cmoe.stages.predict.predict_rows`.
+directory lies and how to decode (the `eval` section recorded as the model's MLflow
+`model_config`, plain JSON values a loader may override), and prediction hands both to
+`cmoe.stages.predict.predict_rows`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
 from PIL import Image
 
+from cmoe.config import CmoeConfig
+
 STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
 OUTPUT_COLUMNS = ["answer", "task", "confidence"]
 # `image` is a path or encoded bytes, so its column type is "any"; MLflow checks the rest.
@@ -23,6 +27,11 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
     outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "task"), ColSpec("double", "confidence")]),
 )
+
+
+def model_config(cfg: CmoeConfig) -> dict[str, Any]:
+    """The pyfunc's MLflow `model_config`: the config's decoding settings (`eval`), as JSON values."""
+    return cfg.eval.model_dump(mode="json")
 
 
 def to_image(value: Any) -> Image.Image:
@@ -38,8 +47,10 @@ class CmoePyfunc(mlflow.pyfunc.PythonModel):
     """Answers a DataFrame with columns `image` (path or bytes) and `question`."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Remember the state directory MLflow materialised for this model."""
+        """Remember the state directory MLflow materialised for this model and its decoding settings."""
         self.state_dir = Path(context.artifacts[STATE_ARTIFACT])
+        # Versions logged before the settings were recorded have none: the defaults then.
+        self.cfg = CmoeConfig.model_validate({"eval": context.model_config or {}})
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -50,5 +61,5 @@ class CmoePyfunc(mlflow.pyfunc.PythonModel):
         if missing:
             raise ValueError(f"input needs columns 'image' and 'question'; missing {sorted(missing)}")
         images = [to_image(v) for v in model_input["image"]]
-        rows = predict_rows(self.state_dir, images, [str(q) for q in model_input["question"]])
+        rows = predict_rows(self.cfg, self.state_dir, images, [str(q) for q in model_input["question"]])
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)

@@ -2,12 +2,12 @@
 
 No task label is needed: the locator (PTL) picks every row's router, and each answer comes with
 the located task and the locator's confidence (its probability for that task), so a serving
-system can alert on, or send to a person, the rows the locator is unsure about.
+system can alert on, or send to a person, the rows the locator is unsure about. Decoding follows
+the config's `eval` section (batch size, answer length), as evaluation does.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -15,41 +15,33 @@ from PIL import Image
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info
-from cmoe.model.inference import device_of
-from cmoe.model.routing import routing
+from cmoe.model.inference import decode
+from cmoe.model.processor import VLProcessor
 from cmoe.stages.common import open_lineage
 
-MAX_NEW_TOKENS = 8
-BATCH_SIZE = 64
+_LOADED: dict[Path, tuple[torch.nn.Module, VLProcessor]] = {}  # a serving pyfunc calls predict per request
+_KEEP = 4  # states kept loaded (oldest dropped first)
 
 
-@lru_cache(maxsize=4)
-def _load(state_dir: str) -> tuple[torch.nn.Module, object]:
-    """Load a state once per process: a serving pyfunc calls predict for every request."""
-    return open_lineage(CmoeConfig(), Path(state_dir))
+def _load(cfg: CmoeConfig, state_dir: Path) -> tuple[torch.nn.Module, VLProcessor]:
+    """The state's model and processor, loaded once per process and state directory."""
+    key = state_dir.resolve()
+    if key not in _LOADED:
+        if len(_LOADED) >= _KEEP:
+            del _LOADED[next(iter(_LOADED))]
+        _LOADED[key] = open_lineage(cfg, key)
+    return _LOADED[key]
 
 
-@torch.no_grad()
-def predict_rows(state_dir: str | Path, images: list[Image.Image], questions: list[str]) -> list[dict]:
+def predict_rows(cfg: CmoeConfig, state_dir: str | Path, images: list[Image.Image], questions: list[str]) -> list[dict]:
     """One {answer, task, confidence} per row; task/confidence are None for a single-router model."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: one of each per row")
-    model, processor = _load(str(Path(state_dir).resolve()))
+    model, processor = _load(cfg, Path(state_dir))
     single = cmoe_info(model).single_router
-    rows: list[dict] = []
-    for i in range(0, len(questions), BATCH_SIZE):
-        enc = [processor.encode(im.convert("RGB"), q) for im, q in zip(images[i:i + BATCH_SIZE], questions[i:i + BATCH_SIZE])]
-        b = processor.collate(enc, left_pad=True, device=device_of(model))
-        with routing(model, "single" if single else "locator", input_ids=b["input_ids"],
-                     pixel_values=b["pixel_values"], attention_mask=b["attention_mask"]) as located:
-            gen = model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                 pixel_values=b["pixel_values"], max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                 pad_token_id=processor.pad_id, eos_token_id=processor.eos_id)
-        answers = processor.decode_answers(gen[:, b["input_ids"].shape[1]:])
-        for j, ans in enumerate(answers):
-            if located is None:
-                rows.append({"answer": ans, "task": None, "confidence": None})
-            else:
-                rows.append({"answer": ans, "task": located.names[j],
-                             "confidence": float(located.probs[j].max())})
-    return rows
+    encoded = [processor.encode(im.convert("RGB"), q) for im, q in zip(images, questions)]
+    out = decode(model, processor, encoded, mode="single" if single else "locator",
+                 batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
+    if out.located is None:
+        return [{"answer": a, "task": None, "confidence": None} for a in out.answers]
+    return [{"answer": a, "task": t, "confidence": c} for a, t, c in zip(out.answers, out.located, out.confidence)]

@@ -28,9 +28,17 @@ def fake_state(root: Path, tasks: list[str]) -> Path:
     return root
 
 
+RECORDED_TOKENS = 5  # the registering config's eval.max_new_tokens (not the default)
+
+
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return Registry(CmoeConfig(home=tmp_path_factory.mktemp("home")))
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def registry(home: Path) -> Registry:
+    return Registry(CmoeConfig(home=home, eval={"max_new_tokens": RECORDED_TOKENS}))
 
 
 def register(reg: Registry, tmp: Path, task: str, parent: int | None, acc: dict[str, float]) -> int:
@@ -80,27 +88,51 @@ def test_lineage_decisions_and_rollback(registry: Registry, tmp_path: Path) -> N
     assert registry.rollback(v1) == 3 and registry.champion().version == 1
 
 
+def with_champion(reg: Registry, tmp: Path) -> Path:
+    """Make sure a champion exists (registering one if this module has none yet); a red PNG to ask about."""
+    if reg.champion() is None:
+        reg.decide_version(register(reg, tmp, "color", None, {"color": 90.0}), "approved", "a", "b")
+    png = tmp / "red.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
+    return png
+
+
 def test_champion_pyfunc_answers_rows(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`models:/cmoe@champion` loads without unpickling anything and answers image + question rows."""
     import mlflow.pyfunc
 
     seen = {}
 
-    def predict_rows(state_dir: Path, images: list, questions: list[str]) -> list[dict]:
+    def predict_rows(cfg: CmoeConfig, state_dir: Path, images: list, questions: list[str]) -> list[dict]:
         seen["state"] = json.loads((Path(state_dir) / "cmoe.json").read_text())
+        seen["max_new_tokens"] = cfg.eval.max_new_tokens
         return [{"answer": "red" if im.getpixel((0, 0)) == (255, 0, 0) else "?", "task": "color", "confidence": 0.9}
                 for im in images]
 
     monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
-    if registry.champion() is None:
-        registry.decide_version(register(registry, tmp_path, "color", None, {"color": 90.0}), "approved", "a", "b")
-    png = tmp_path / "red.png"
-    Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
+    png = with_champion(registry, tmp_path)
     model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}@champion")
     out = model.predict(pd.DataFrame({"image": [str(png), png.read_bytes()], "question": ["what color?"] * 2}))
     assert list(out.columns) == ["answer", "task", "confidence"]
     assert list(out["answer"]) == ["red", "red"] and seen["state"]["format_version"] == 1
+    assert seen["max_new_tokens"] == RECORDED_TOKENS  # decoding settings recorded with the model
     assert registry.predict("models:/cmoe@champion", [str(png)], ["what color?"]) == [
         {"answer": "red", "task": "color", "confidence": 0.9}]
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}@champion"))
     assert not list(model_dir.rglob("*.pkl"))  # models-from-code: nothing to unpickle
+
+
+def test_predict_through_the_registry_decodes_as_the_callers_config_says(
+        registry: Registry, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cmoe predict --config` passes its eval section to the pyfunc, over what was recorded at registration."""
+    seen = {}
+
+    def predict_rows(cfg: CmoeConfig, state_dir: Path, images: list, questions: list[str]) -> list[dict]:
+        seen["eval"] = cfg.eval.model_dump()
+        return [{"answer": "?", "task": "color", "confidence": 0.5} for _ in images]
+
+    monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
+    png = with_champion(registry, tmp_path)
+    caller = Registry(CmoeConfig(home=home, eval={"max_new_tokens": 3, "batch_size": 2}))
+    caller.predict("models:/cmoe@champion", [str(png)], ["what color?"])
+    assert seen["eval"] == {"max_new_tokens": 3, "batch_size": 2}
