@@ -3,11 +3,16 @@
 One task bundle goes through five stages, each a Prefect task that calls one plain function of
 `cmoe.stages` and publishes what it found as a Prefect artifact:
 
-    fetch     validate + download the bundle (retried on transient I/O errors)
-    probe     PGKE: which layers need new experts            -> artifact `cmoe-probe`
-    expand    train the new experts, the task router and its locator VAE
-    evaluate  re-test every task learned so far                -> artifact `cmoe-accuracy`
-    gate      register the candidate, approve / reject / ask a reviewer -> artifact `cmoe-decision`
+    fetch          validate + download the bundle, once (retried on transient I/O errors)
+    keep-eval-set  keep the task's evaluation set (its test split) in the lineage's store
+    probe          PGKE: which layers need new experts            -> artifact `cmoe-probe`
+    expand         train the new experts, the task router and its locator VAE
+    evaluate       re-test every task learned so far on the kept evaluation sets -> `cmoe-accuracy`
+    gate           register the candidate, approve / reject / ask a reviewer -> `cmoe-decision`
+
+Once the version is decided, cmoe's local copies of the task's training data are deleted: the
+lineage keeps evaluation sets, never training data, and no later task reads this bundle again
+(docs/data-lifecycle.md).
 
 The candidate always builds on the MLflow `champion`. Each stage writes into
 `<home>/runs/<bundle sha256>-<parent>/<stage>/` and marks itself finished with `done.json`, so a
@@ -39,8 +44,11 @@ from prefect.runtime import flow_run
 
 from cmoe.config import CmoeConfig, load_config
 from cmoe.data.bundle import BundleError
-from cmoe.data.storage import StorageError, fetch_bundle
-from cmoe.data.validate import validate
+from cmoe.data.evalsets import EvalSetRef, keep_eval_set, store_location
+from cmoe.data.guard import check_not_learned
+from cmoe.data.loading import forget_local_copies
+from cmoe.data.storage import StorageError
+from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.files import write_text_atomic
 from cmoe.registry import Champion, Registry, RegistryError, VersionInfo
 from cmoe.stages.report import Row, accuracy_table, cell
@@ -66,16 +74,6 @@ class ReviewInput(RunInput):
     decision: Literal["approve", "reject"]
     by: str
     reason: str
-
-
-@dataclass
-class FetchedBundle:
-    """A valid bundle, available as a local folder."""
-
-    uri: str
-    root: str
-    task: str
-    sha256: str
 
 
 @dataclass
@@ -139,21 +137,27 @@ def _transient(task: Task, task_run: TaskRun, state: State) -> bool:
 
 # ---------------------------------------------------------------------------- stage tasks
 @stage_task(name="fetch", retry_condition_fn=_transient)
-def fetch(uri: str, cache_dir: Path) -> FetchedBundle:
-    """Validate the bundle (downloading an S3 one once); every problem is reported, nothing is trained."""
-    report = validate(uri, cache_dir=cache_dir)
-    report.raise_if_invalid()
-    return FetchedBundle(uri, str(report.root), report.spec.name, report.sha256)
+def fetch(uri: str, cache_dir: Path) -> ValidatedBundle:
+    """Validate the bundle once (downloading an S3 one once); every problem is reported, nothing is trained."""
+    return open_bundle(uri, cache_dir=cache_dir)
+
+
+@stage_task(name="keep-eval-set")
+def keep(cfg: CmoeConfig, bundle: ValidatedBundle, runs: Path) -> EvalSetRef:
+    """Keep the new task's evaluation set (its test split, or `data.eval_keep` rows) in the lineage's store."""
+    store = store_location(cfg.data.eval_store, cfg.home)
+    return resumable(runs / "eval-set", EvalSetRef, lambda _: keep_eval_set(
+        bundle, store, cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep, seed=cfg.data.eval_seed))
 
 
 @stage_task(name="probe")
-def probe(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, runs: Path, registry: Registry,
+def probe(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, runs: Path, registry: Registry,
           run_id: str) -> ProbeReport:
     """PGKE: score every CMoE layer with a probe expert and plan where new experts go."""
     from cmoe.stages.probe import ProbeReport, run_probe
 
     parent_state = champion.state_dir if champion else None
-    report = resumable(runs / "probe", ProbeReport, lambda out: run_probe(cfg, bundle.root, parent_state, out))
+    report = resumable(runs / "probe", ProbeReport, lambda out: run_probe(cfg, bundle, parent_state, out))
     registry.log_stage(run_id, "probe", report)
     create_table_artifact(
         key="cmoe-probe",
@@ -166,49 +170,48 @@ def probe(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, run
 
 
 @stage_task(name="expand")
-def expand(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, plan: ProbeReport, runs: Path,
-           registry: Registry, run_id: str) -> ExpandResult:
+def expand(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, plan: ProbeReport,
+           eval_set: EvalSetRef, runs: Path, registry: Registry, run_id: str) -> ExpandResult:
     """Train the planned experts, the task's router and its locator VAE; older weights stay frozen."""
     from cmoe.stages.expand import ExpandResult
     from cmoe.stages.launch import expand as run_expand  # in-process, or N ranks (expand.nproc_per_node / hostfile)
 
     parent_state = champion.state_dir if champion else None
     result = resumable(runs / "expand", ExpandResult,
-                       lambda out: run_expand(cfg, bundle.root, parent_state, plan, out))
+                       lambda out: run_expand(cfg, bundle, parent_state, plan, out, eval_set=eval_set))
     registry.log_stage(run_id, "expand", result)
     return result
 
 
 @stage_task(name="evaluate")
-def evaluate(cfg: CmoeConfig, bundle: FetchedBundle, state_dir: str, lineage: list[VersionInfo], runs: Path,
+def evaluate(cfg: CmoeConfig, bundle: ValidatedBundle, state_dir: str, lineage: list[VersionInfo], runs: Path,
              registry: Registry, run_id: str) -> EvalReport:
-    """Re-test every task learned so far (test splits only) with locator routing."""
+    """Re-test every task learned so far on the evaluation sets the lineage kept (never an old bundle)."""
     from cmoe.stages.evaluate import EvalReport, run_evaluate
 
-    cache = cfg.home / "cache"
-    bundles = [str(fetch_bundle(v.bundle_uri, cache_dir=cache)) for v in lineage] + [bundle.root]
     history = [v.acc for v in lineage]
     report = resumable(runs / "evaluate", EvalReport,
-                       lambda out: run_evaluate(cfg, Path(state_dir), bundles, out, history))
+                       lambda out: run_evaluate(cfg, Path(state_dir), out, history))
     registry.log_stage(run_id, "evaluate", report)
     create_markdown_artifact(key="cmoe-accuracy", markdown=accuracy_markdown(report, lineage),
-                             description=f"Accuracy matrix after {bundle.task}")
+                             description=f"Accuracy matrix after {bundle.name}")
     return report
 
 
 @stage_task(name="gate")
-def gate(cfg: CmoeConfig, bundle: FetchedBundle, champion: Champion | None, key: str, expanded: ExpandResult,
-         report: EvalReport, summary: dict[str, Any], runs: Path, registry: Registry, run_id: str) -> GateResult:
+def gate(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, key: str, expanded: ExpandResult,
+         eval_set: EvalSetRef, report: EvalReport, summary: dict[str, Any], runs: Path, registry: Registry,
+         run_id: str) -> GateResult:
     """Apply the gate policy and register the candidate as a model version (alias `candidate`)."""
     from cmoe.stages.gate import decide
 
     def register(out: Path) -> GateResult:
         decision = decide(cfg.gate, report, champion.acc if champion else None, expanded.params_added)
         version = registry.register_candidate(
-            run_id, Path(expanded.state_dir), key=key, task=bundle.task, bundle_uri=bundle.uri,
+            run_id, Path(expanded.state_dir), key=key, task=bundle.name, bundle_uri=bundle.uri,
             bundle_sha256=bundle.sha256, parent_version=champion.version if champion else None,
             acc=report.acc, metrics=summary, gate=decision.metrics,
-            tags={"prefect_flow_run_id": str(flow_run.id)})
+            tags={"prefect_flow_run_id": str(flow_run.id), **lineage_tags(bundle, eval_set)})
         return GateResult(version, decision.outcome, decision.reasons, decision.metrics)
 
     result = resumable(runs / "gate", GateResult, register)
@@ -233,35 +236,67 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
     if learned := next((v for v in lineage if v.bundle_sha256 == bundle.sha256), None):
         raise ValueError(f"{bundle.uri}: already learned by v{learned.version} ({learned.task}), "
                          f"which the champion v{parent} builds on: nothing to do")
+    # A renamed copy of an old task's data is refused here, before anything is recorded or trained
+    # (the stages' own guard would refuse it too, but only after the MLflow run had started).
+    check_not_learned(bundle, {v.tags[TRAIN_SHA_TAG]: v.task for v in lineage if v.tags.get(TRAIN_SHA_TAG)})
     key = stage_key(bundle.sha256, parent)
     runs = cfg.home / "runs" / key
-    run_id = registry.start_task_run(key, bundle.task, bundle.sha256, parent, cfg.model_dump(mode="json"),
+    run_id = registry.start_task_run(key, bundle.name, bundle.sha256, parent, cfg.model_dump(mode="json"),
                                      tags={"prefect_flow_run_id": str(flow_run.id)})
     try:
+        eval_set = keep(cfg, bundle, runs)
         plan = probe(cfg, bundle, champion, runs, registry, run_id)
         if cfg.gate.review_plan:
             verdict = resumable(runs / "plan-review", ReviewedPlan,
                                 lambda _: review_plan(cfg, registry, run_id, plan))
             if verdict.decision == "reject":
                 registry.end_task_run(run_id)
-                return TaskOutcome(bundle.task, bundle.sha256, parent, None, "plan_rejected", verdict.by,
+                release(cfg, bundle, registry, run_id=run_id)
+                return TaskOutcome(bundle.name, bundle.sha256, parent, None, "plan_rejected", verdict.by,
                                    verdict.reason, {}, None, None, 0)
-        expanded = expand(cfg, bundle, champion, plan, runs, registry, run_id)
+        expanded = expand(cfg, bundle, champion, plan, eval_set, runs, registry, run_id)
         report = evaluate(cfg, bundle, expanded.state_dir, lineage, runs, registry, run_id)
-        summary = {"avg_acc": report.avg_acc, "bwt": report.bwt, "forgetting": report.forgetting,
-                   "locator_acc": report.locator_acc, "params_added": expanded.params_added}
+        summary = {"avg_acc": report.avg_acc, "mft": report.mft, "bwt": report.bwt, "forgetting": report.forgetting,
+                   "maa": report.maa, "locator_acc": report.locator_acc, "params_added": expanded.params_added}
         registry.log_summary(run_id, {"acc": report.acc, **summary})
-        result = gate(cfg, bundle, champion, key, expanded, report, summary, runs, registry, run_id)
+        result = gate(cfg, bundle, champion, key, expanded, eval_set, report, summary, runs, registry, run_id)
         info = settle(cfg, registry, result, review_markdown(result, report, lineage))
     except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
         registry.end_task_run(run_id, failed=True)
         raise
     registry.end_task_run(run_id)
-    outcome = TaskOutcome(bundle.task, bundle.sha256, parent, info.version, info.decision, info.decided_by,
+    if info.decision != "pending_review":
+        release(cfg, bundle, registry, version=info.version)
+    outcome = TaskOutcome(bundle.name, bundle.sha256, parent, info.version, info.decision, info.decided_by,
                           info.reason, report.acc, report.avg_acc, report.bwt, expanded.params_added)
     create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result),
-                             description=f"Gate decision on {bundle.task}")
+                             description=f"Gate decision on {bundle.name}")
     return outcome
+
+
+# ---------------------------------------------------------------------------- data lifecycle
+TRAIN_SHA_TAG = "train_sha256"  # version tag: the task's train-split hash (the rehearsal guard's key)
+EVAL_SET_TAG = "eval_set"  # version tag: JSON of the task's kept evaluation set (EvalSetRef)
+REMOVED_TAG = "retention.removed"  # version tag: JSON list of the local copies deleted once it was decided
+
+
+def lineage_tags(bundle: ValidatedBundle, eval_set: EvalSetRef) -> dict[str, str]:
+    """What a version records of its task's data: the train split's hash and the kept evaluation set."""
+    return {TRAIN_SHA_TAG: bundle.split_sha256["train"], EVAL_SET_TAG: json.dumps(asdict(eval_set))}
+
+
+def release(cfg: CmoeConfig, bundle: ValidatedBundle, registry: Registry, *, version: int | None = None,
+            run_id: str | None = None) -> list[str]:
+    """Once a task is decided, delete cmoe's local copies of its training data (unless
+    `data.keep_train_cache`) and record what went on the version (or the run, for a rejected plan)."""
+    if cfg.data.keep_train_cache:
+        return []
+    removed = forget_local_copies(bundle, cache_dir=cfg.home / "cache")
+    if version is not None:
+        registry.tag_version(version, {REMOVED_TAG: json.dumps(removed)})
+    elif run_id is not None:
+        registry.tag_run(run_id, {REMOVED_TAG: json.dumps(removed)})
+    return removed
 
 
 # ---------------------------------------------------------------------------- decisions and reviews

@@ -117,6 +117,18 @@ def bundle_files(root: Path) -> list[str]:
     return files
 
 
+def bundle_entries(root: Path) -> dict[str, str]:
+    """{relative POSIX path: file sha256} of every file of a bundle: what its hashes are made of."""
+    return {rel: file_sha256(root / rel) for rel in bundle_files(root)}
+
+
 def bundle_sha256(root: Path) -> str:
     """The bundle's identity: identical for a local folder and its S3 copy (see docs/task-format.md)."""
-    return digest_entries({rel: file_sha256(root / rel) for rel in bundle_files(root)})
+    return digest_entries(bundle_entries(root))
+
+
+def split_sha256(entries: dict[str, str], split: str) -> str:
+    """Content hash of one split: its files' paths *inside the split* and hashes, so a renamed copy
+    of a bundle (other task.yaml, same training data) has the same train-split hash."""
+    prefix = f"{split}/"
+    return digest_entries({rel[len(prefix):]: sha for rel, sha in entries.items() if rel.startswith(prefix)})

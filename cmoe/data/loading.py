@@ -1,12 +1,14 @@
-"""Load a validated bundle split as a `datasets.Dataset` with one canonical schema for both layouts.
+"""Load a split of a validated bundle as a `datasets.Dataset` with one canonical schema for both layouts.
 
-Every load validates first (a bad bundle raises BundleError listing every problem) and goes through
-the rehearsal guard. `datasets` writes its Arrow cache under `<cache_dir>/datasets`, never into the
-bundle; S3 bundles are read from their local download (see storage.py).
+Loading takes a `ValidatedBundle` (see validate.open_bundle): the bundle was validated and hashed
+once, so nothing here re-reads or re-hashes the other split. Every load goes through the rehearsal
+guard. `datasets` writes its Arrow cache under `<cache_dir>/datasets/<bundle sha256>/`, never into
+the bundle, so `forget_local_copies` can remove one bundle's local copies once its task is decided.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import datasets
@@ -23,8 +25,8 @@ from cmoe.data.bundle import (
     scan_tree,
 )
 from cmoe.data.guard import check_split_access
-from cmoe.data.storage import fetch_bundle, read_bundle_file
-from cmoe.data.validate import parse_task_yaml, validate_bundle
+from cmoe.data.storage import forget_download, read_bundle_file
+from cmoe.data.validate import ValidatedBundle, parse_task_yaml
 
 FEATURES = datasets.Features(
     {
@@ -51,16 +53,14 @@ def read_task_spec(uri: str | Path) -> TaskSpec:
     return spec
 
 
-def load_split(uri: str | Path, split: str, *, cache_dir: Path) -> datasets.Dataset:
-    """One split as a Dataset with columns image (PIL), question, answer, answers, id; validated first."""
+def load_split(bundle: ValidatedBundle, split: str, *, cache_dir: Path) -> datasets.Dataset:
+    """One split as a Dataset with columns image (PIL), question, answer, answers, id."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (one of: {', '.join(SPLITS)})")
-    root = fetch_bundle(uri, cache_dir=cache_dir)
-    report = validate_bundle(root, uri=str(uri))
-    report.raise_if_invalid()
-    check_split_access(report.spec.name, split)
-    hf_cache = str(cache_dir / "datasets")
-    if report.layouts[split] == "imagefolder":
+    check_split_access(bundle, split)
+    root = Path(bundle.root)
+    hf_cache = str(_datasets_cache(bundle.sha256, cache_dir))
+    if bundle.layouts[split] == "imagefolder":
         # Explicit files, not data_dir: a sub-folder named like a split ("test/") would make
         # `datasets` infer splits from folder names. Images not named in metadata.jsonl are ignored.
         files, _ = scan_tree(root / split)
@@ -72,6 +72,23 @@ def load_split(uri: str | Path, split: str, *, cache_dir: Path) -> datasets.Data
             "parquet", data_files={"train": [str(root / parquet_file(split))]}, split="train", cache_dir=hf_cache
         )
     return _canonical(ds, split)
+
+
+def _datasets_cache(bundle_sha256: str, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "datasets" / bundle_sha256
+
+
+def forget_local_copies(bundle: ValidatedBundle, *, cache_dir: Path) -> list[str]:
+    """Delete every local copy cmoe made of a bundle (the S3 download, the `datasets` Arrow cache),
+    never the user's own folder; the paths removed. Called once the bundle's task is decided."""
+    removed = []
+    if forget_download(bundle.root, cache_dir=cache_dir):
+        removed.append(bundle.root)
+    arrow = _datasets_cache(bundle.sha256, cache_dir)
+    if arrow.is_dir():
+        shutil.rmtree(arrow)
+        removed.append(str(arrow))
+    return removed
 
 
 def _canonical(ds: datasets.Dataset, split: str) -> datasets.Dataset:

@@ -1,10 +1,11 @@
 """Where bundles live: local folders and `s3://bucket/prefix/` (boto3), plus the download cache.
 
 An S3 bundle is only ever read after its `task.yaml` exists (it is written last), and it is read
-by downloading it into a folder named by its sha256: every later step (validation, loading with
+by downloading it into a folder named by its listing: every later step (validation, loading with
 `datasets`) then runs on a local folder, and a bundle already downloaded is reused. One cache
-folder serves the whole data layer: bundles under `<cache_dir>/bundles/<sha256>/`, the `datasets`
-Arrow cache under `<cache_dir>/datasets/`.
+folder serves the whole data layer: downloads under `<cache_dir>/bundles/`, the `datasets` Arrow
+cache under `<cache_dir>/datasets/<bundle sha256>/`. Both are local copies of the user's data,
+removed once the bundle's task is decided (see `forget_download`, `loading.forget_cached_splits`).
 
 The S3 endpoint comes from `CMOE_S3_ENDPOINT_URL`, else boto3's own `AWS_ENDPOINT_URL_S3` /
 `AWS_ENDPOINT_URL`; credentials come from the standard AWS chain and are never printed.
@@ -26,10 +27,9 @@ from pathlib import Path
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cmoe.data.bundle import TASK_FILE, BundleError, Problem, bundle_files, bundle_sha256
+from cmoe.data.bundle import TASK_FILE, BundleError, Problem, bundle_files
 
 S3_SCHEME = "s3://"
-_INDEX_DIR = ".s3-index"  # listing signature -> bundle sha256, so a cached bundle is not re-downloaded
 
 
 class StorageError(RuntimeError):
@@ -83,8 +83,8 @@ def default_cache_dir() -> Path:
 
 
 @contextmanager
-def _s3_errors(uri: str) -> Iterator[None]:
-    # One place turns botocore's many error types into StorageError; their messages hold no secrets.
+def s3_errors(uri: str) -> Iterator[None]:
+    """Turn botocore's many error types into StorageError naming `uri` (their messages hold no secrets)."""
     try:
         yield
     except (BotoCoreError, ClientError) as err:
@@ -102,7 +102,7 @@ def read_bundle_file(uri: str | Path, rel: str) -> bytes | None:
         return path.read_bytes() if path.is_file() and not path.is_symlink() else None
     loc = S3Prefix.parse(str(uri))
     client = s3_client()
-    with _s3_errors(loc.uri):
+    with s3_errors(loc.uri):
         try:
             return client.get_object(Bucket=loc.bucket, Key=loc.prefix + rel)["Body"].read()
         except ClientError as err:
@@ -128,54 +128,55 @@ def _unsafe_key(rel: str) -> bool:
 
 
 def fetch_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> Path:
-    """Local folder of a bundle: a local path as is; an S3 bundle downloaded to `<cache_dir>/bundles/<sha256>/`.
+    """Local folder of a bundle: a local path as is; an S3 bundle downloaded to `<cache_dir>/bundles/<listing>/`.
 
-    Raises BundleError when the S3 bundle has no task.yaml yet (nothing is downloaded) or has keys
-    that cannot be files, StorageError when S3 itself fails.
+    The download folder is named by the listing's signature (relative paths, sizes, ETags), which
+    identifies the content without reading it: a bundle already downloaded is reused, under any
+    prefix, and validation hashes the files once. Raises BundleError when the S3 bundle has no
+    task.yaml yet (nothing is downloaded) or has keys that cannot be files, StorageError when S3 fails.
     """
     if not is_s3(uri):
         return Path(uri)
     loc = S3Prefix.parse(str(uri))
     cache = (cache_dir or default_cache_dir()) / "bundles"
     client = s3_client()
-    with _s3_errors(loc.uri):
+    with s3_errors(loc.uri):
         objects = _list_objects(client, loc)
         if TASK_FILE not in objects:
             raise _incomplete(loc.uri)
         if bad := sorted(rel for rel in objects if _unsafe_key(rel)):
             raise BundleError(loc.uri, [Problem(rel, "S3 key is not a safe relative file path") for rel in bad])
-        # The listing (paths, sizes, ETags) identifies the content, so a hit skips the download.
         signature = hashlib.sha256(
             "".join(f"{rel}\t{o['Size']}\t{o['ETag']}\n" for rel, o in sorted(objects.items())).encode()
         ).hexdigest()
-        index = cache / _INDEX_DIR / signature
-        if index.is_file() and (cached := cache / index.read_text().strip()).is_dir():
-            return cached
+        final = cache / signature
+        if final.is_dir():
+            return final
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
         try:
             for rel, obj in objects.items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(loc.bucket, obj["Key"], str(tmp / rel))
-            sha = bundle_sha256(tmp)
-            final = cache / sha
             try:
                 os.rename(tmp, final)  # atomic: readers see a complete folder or none
             except OSError:
                 if not final.is_dir():
                     raise
-                # Same content was cached meanwhile (another URI or process): keep that copy.
+                # Same content was downloaded meanwhile by another process: keep that copy.
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    _write_atomic(index, sha)
     return final
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def forget_download(bundle_root: str | Path, *, cache_dir: Path | None = None) -> bool:
+    """Delete the local download of an S3 bundle (nothing for a local folder); True if one was removed."""
+    root = Path(bundle_root).resolve()
+    cache = ((cache_dir or default_cache_dir()) / "bundles").resolve()
+    if root.parent != cache or not root.is_dir():
+        return False  # the user's own folder, or already gone: never ours to delete
+    shutil.rmtree(root)
+    return True
 
 
 def list_bundles(inbox_uri: str | Path) -> list[BundleRef]:
@@ -201,7 +202,7 @@ def _list_s3_bundles(inbox_uri: str) -> list[BundleRef]:
     loc = S3Prefix.parse(inbox_uri)
     client = s3_client()
     refs = []
-    with _s3_errors(loc.uri):
+    with s3_errors(loc.uri):
         # One level down only ("Delimiter"), then one HEAD per candidate: cheaper than listing images.
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=loc.prefix, Delimiter="/")
         for page in pages:
@@ -223,7 +224,7 @@ def upload_bundle(local: Path, s3_uri: str) -> str:
     files = bundle_files(local)  # refuses symlinks and special files
     ordered = [rel for rel in files if rel != TASK_FILE] + [rel for rel in files if rel == TASK_FILE]
     client = s3_client()
-    with _s3_errors(loc.uri):
+    with s3_errors(loc.uri):
         for rel in ordered:
             client.upload_file(str(local / rel), loc.bucket, loc.prefix + rel)
     return loc.uri

@@ -2,6 +2,10 @@
 
 Everything is opened read-only and nothing is written; images are header-checked for size before
 they are decoded, so a decompression bomb is refused without being expanded.
+
+`open_bundle` is the data layer's one entry for the stages: it validates a bundle once, hashes it
+once, and hands out a `ValidatedBundle` (where it is, its spec, its hashes) that every later step
+takes instead of a URI, so nothing re-validates or re-hashes it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import stat
 import string
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +42,11 @@ from cmoe.data.bundle import (
     BundleError,
     Problem,
     TaskSpec,
-    bundle_sha256,
+    bundle_entries,
+    digest_entries,
     parquet_file,
     scan_tree,
+    split_sha256,
 )
 
 _TASK_REQUIRED = ("name", "description", "format_version", "metric")
@@ -60,6 +66,7 @@ class ValidationReport:
     layouts: dict[str, str] = field(default_factory=dict)  # split -> "imagefolder" | "parquet"
     counts: dict[str, int] = field(default_factory=dict)  # split -> rows
     sha256: str | None = None  # only set when the bundle is valid
+    split_sha256: dict[str, str] = field(default_factory=dict)  # split -> content hash (valid bundles only)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -98,8 +105,52 @@ def validate_bundle(root: Path, *, uri: str | None = None) -> ValidationReport:
     for split in SPLITS:
         _check_split(root, split, report)
     if report.ok:
-        report.sha256 = bundle_sha256(root)
+        entries = bundle_entries(root)  # every file hashed once: the bundle and split hashes share it
+        report.sha256 = digest_entries(entries)
+        report.split_sha256 = {split: split_sha256(entries, split) for split in SPLITS}
     return report
+
+
+@dataclass(frozen=True)
+class ValidatedBundle:
+    """A bundle that passed validation, available as a local folder: what the stages take.
+
+    JSON-serialisable (`to_dict` / `from_dict`), so a launcher can hand it to other processes
+    without them validating again.
+    """
+
+    uri: str  # where it was read from (a local folder or s3://...)
+    root: str  # the local folder holding it (for S3: the download under the cache)
+    spec: TaskSpec
+    sha256: str  # the whole bundle's content hash: its identity
+    split_sha256: dict[str, str]  # split -> content hash of that split alone (the rehearsal guard's key)
+    layouts: dict[str, str]  # split -> "imagefolder" | "parquet"
+    counts: dict[str, int]  # split -> rows
+
+    @property
+    def name(self) -> str:
+        """The task's name (task.yaml `name`)."""
+        return self.spec.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types only."""
+        return {**{f: getattr(self, f) for f in ("uri", "root", "sha256", "split_sha256", "layouts", "counts")},
+                "spec": asdict(self.spec)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidatedBundle:
+        """Inverse of `to_dict`."""
+        return cls(**{**data, "spec": TaskSpec(**data["spec"])})
+
+
+def open_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> ValidatedBundle:
+    """Validate a bundle once (downloading an S3 one into `cache_dir`) and return its handle; raises
+    BundleError listing every problem when it is invalid."""
+    report = validate(uri, cache_dir=cache_dir)
+    report.raise_if_invalid()
+    assert report.root is not None and report.spec is not None and report.sha256 is not None
+    return ValidatedBundle(str(uri), str(report.root), report.spec, report.sha256, dict(report.split_sha256),
+                           dict(report.layouts), dict(report.counts))
 
 
 def parse_task_yaml(text: str) -> tuple[TaskSpec | None, list[Problem]]:

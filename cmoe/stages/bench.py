@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 from cmoe.config import CmoeConfig
-from cmoe.data.loading import read_task_spec
+from cmoe.data.evalsets import eval_set_of, keep_eval_set
+from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.model.cmoe_layer import add_task, cmoe_layers
 from cmoe.model.routing import route
 from cmoe.stages import metrics
-from cmoe.stages.common import load_task, moe_loss, open_lineage
+from cmoe.stages.common import load_train, moe_loss, open_lineage
 from cmoe.stages.evaluate import evaluate_model, plot_matrix, run_evaluate
 from cmoe.stages.expand import expand_model, run_expand
 from cmoe.stages.probe import naive_plan, run_probe
@@ -30,8 +31,12 @@ from cmoe.stages.trainer import TrainSpec, train
 METHODS = ("cmoe", "naive-expand", "single-router", "seq-ft", "joint")
 
 
-def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) -> dict:
-    """Learn `bundles` in order with `method`; the results.json entry of that method."""
+def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], out: Path) -> dict:
+    """Learn `bundles` in order with `method`; the results.json entry of that method.
+
+    As in production, each task's evaluation set is kept (under `out/evalsets`) when it is learned
+    and re-testing reads only those.
+    """
     if method == "seq-ft":
         return run_seq_ft(cfg, bundles, out)
     t0 = time.perf_counter()
@@ -39,14 +44,17 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) ->
     history: list[dict[str, float]] = []
     report = None
     for i, bundle in enumerate(bundles):
-        step = out / f"{i + 1:02d}-{read_task_spec(bundle).name}"
+        step = out / f"{i + 1:02d}-{bundle.name}"
         if method == "cmoe":
             plan = run_probe(cfg, bundle, parent, step / "probe")
         else:  # naive-expand, single-router: one expert in every CMoE layer, no probe
             plan = naive_plan(cfg, bundle, parent, step / "probe")
         variant = "single-router" if method == "single-router" else "cmoe"
-        expanded = run_expand(cfg, bundle, parent, plan, step / "expand", copy_base=False, variant=variant)
-        report = run_evaluate(cfg, Path(expanded.state_dir), bundles[: i + 1], step / "eval", history)
+        kept = keep_eval_set(bundle, str(out / "evalsets"), cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep,
+                             seed=cfg.data.eval_seed)
+        expanded = run_expand(cfg, bundle, parent, plan, step / "expand", eval_set=kept, copy_base=False,
+                              variant=variant)
+        report = run_evaluate(cfg, Path(expanded.state_dir), step / "eval", history)
         history.append(report.acc)
         if parent is not None:
             shutil.rmtree(parent.parent)  # keep only the newest state of the lineage on disk
@@ -55,31 +63,31 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[str], out: Path) ->
     return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0)
 
 
-def run_seq_ft(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
+def run_seq_ft(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dict:
     """Sequential fine-tuning of the upcycled experts + one router, no growth (kept in memory:
     the state format stores only frozen upcycled copies, which seq-ft does not keep frozen)."""
     t0 = time.perf_counter()
     model, processor = open_lineage(cfg, None, single_router=True)
     history: list[dict[str, float]] = []
     report = None
+    eval_sets = _eval_sets(cfg, bundles)
     for i, bundle in enumerate(bundles):
-        step = out / f"{i + 1:02d}-{read_task_spec(bundle).name}"
+        step = out / f"{i + 1:02d}-{bundle.name}"
         expand_model(cfg, model, processor, bundle, None, step / "expand", variant="seq-ft")
-        report = evaluate_model(cfg, model, processor, bundles[: i + 1], step / "eval", history)
+        report = evaluate_model(cfg, model, processor, eval_sets[: i + 1], step / "eval", history)
         history.append(report.acc)
     assert report is not None
     return _entry(report.matrix, None, report.params_total, report.params_added, t0)
 
 
-def run_joint(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
+def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dict:
     """Train every task's data together (the upper bound), then evaluate each task."""
     t0 = time.perf_counter()
     model, processor = open_lineage(cfg, None, single_router=True)
     data = []
     for bundle in bundles:
-        task = load_task(bundle, "train", processor, cfg, with_answers=True)
-        add_task(model, task.spec.name)
-        data += task.encoded
+        data += load_train(cfg, bundle, model, processor).encoded
+        add_task(model, bundle.name)
     for layer in cmoe_layers(model).values():
         layer.experts.requires_grad_(True)
     # One pass over the union costs what the sequential methods spend on all tasks together.
@@ -90,12 +98,18 @@ def run_joint(cfg: CmoeConfig, bundles: list[str], out: Path) -> dict:
         train(model, [p for p in model.parameters() if p.requires_grad], data, processor.collate, moe_loss, spec)
         model.eval()
     model.requires_grad_(False)
-    report = evaluate_model(cfg, model, processor, bundles, out / "eval", [])
+    report = evaluate_model(cfg, model, processor, _eval_sets(cfg, bundles), out / "eval", [])
     final = [report.acc[t] for t in report.tasks]
     matrix = [[None] * len(bundles) for _ in bundles[:-1]] + [final]
     entry = _entry(matrix, None, report.params_total, [0] * len(bundles), t0)
     entry.update(bwt=None, forgetting=None, maa=None)  # one training, no sequence: not defined
     return entry
+
+
+def _eval_sets(cfg: CmoeConfig, bundles: list[ValidatedBundle]) -> list:
+    """The evaluation sets the lineage would keep, in memory: the in-process methods test on the same rows."""
+    return [eval_set_of(b, cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep, seed=cfg.data.eval_seed)
+            for b in bundles]
 
 
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
@@ -105,14 +119,15 @@ def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_t
             "params_total": params_total, "params_added": params_added, "wall_s": time.perf_counter() - t0}
 
 
-def run_bench(cfg: CmoeConfig, bundles: list[str], methods: list[str], out: Path) -> dict:
-    """Run every method over `bundles`; write results.json, results.md and plots into `out`."""
+def run_bench(cfg: CmoeConfig, uris: list[str], methods: list[str], out: Path) -> dict:
+    """Run every method over the bundles at `uris`; write results.json, results.md and plots into `out`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [read_task_spec(b).name for b in bundles]
+    bundles = [open_bundle(uri, cache_dir=cfg.home / "cache") for uri in uris]  # validated once, for every method
+    tasks = [b.name for b in bundles]
     results: dict = {"tasks": tasks, "methods": {}}
     for method in methods:
         work = out / "work" / method

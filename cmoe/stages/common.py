@@ -1,9 +1,10 @@
-"""What every continual stage shares: opening the model lineage, encoding a task's data, the loss."""
+"""What every continual stage shares: opening the lineage, reading a task's data (train rows under the
+rehearsal guard, old tasks only through their kept evaluation sets), encoding it, the loss."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,11 +12,13 @@ import torch
 from torch import nn
 
 from cmoe.config import CmoeConfig
-from cmoe.data.bundle import TaskSpec, bundle_sha256
-from cmoe.data.loading import load_split, read_task_spec
-from cmoe.data.storage import fetch_bundle
+from cmoe.data.bundle import TaskSpec
+from cmoe.data.evalsets import EvalSet, EvalSetRef, open_eval_set
+from cmoe.data.guard import training_scope
+from cmoe.data.loading import load_split
+from cmoe.data.validate import ValidatedBundle
 from cmoe.model.base import load_base
-from cmoe.model.cmoe_layer import aux_loss, balance_scope
+from cmoe.model.cmoe_layer import aux_loss, balance_scope, cmoe_info
 from cmoe.model.inference import default_device
 from cmoe.model.processor import Encoded, VLProcessor
 from cmoe.model.state import load_state, read_manifest
@@ -55,28 +58,61 @@ def open_lineage(cfg: CmoeConfig, parent_state: Path | None, *, single_router: b
 
 @dataclass
 class TaskData:
-    """One task's split, encoded once: tensors for training, raw rows for generation and scoring."""
+    """One task's rows, encoded once: tensors for training, raw rows for generation and scoring."""
 
     spec: TaskSpec
-    sha256: str
     encoded: list[Encoded]
     images: list
     questions: list[str]
     answers: list[list[str]]
 
 
-def load_task(bundle: str, split: str, processor: VLProcessor, cfg: CmoeConfig, *, with_answers: bool) -> TaskData:
-    """Validate the bundle, load `split` with `datasets`, apply the task's instruction template, encode."""
-    rows = load_split(bundle, split, cache_dir=cfg.home / "cache")  # validates first, refuses a bad bundle
-    spec = read_task_spec(bundle)
-    sha = bundle_sha256(fetch_bundle(bundle, cache_dir=cfg.home / "cache"))
+def encode_rows(spec: TaskSpec, rows, processor: VLProcessor, *, with_answers: bool) -> TaskData:  # noqa: ANN001 - a datasets.Dataset
+    """Apply the task's instruction template to canonical rows and encode them."""
     template = spec.instruction or "{question}"
     questions = [template.format(question=q) for q in rows["question"]]
     images = list(rows["image"])
     answers = [list(a) for a in rows["answers"]]
     encoded = [processor.encode(im, q, a if with_answers else None)
                for im, q, a in zip(images, questions, rows["answer"])]
-    return TaskData(spec, sha, encoded, images, questions, answers)
+    return TaskData(spec, encoded, images, questions, answers)
+
+
+def learned_train_splits(model: nn.Module) -> dict[str, str]:
+    """{train-split sha256: task} of every task the model has learned: what the guard refuses."""
+    records = cmoe_info(model).task_records
+    return {r["train_sha256"]: task for task, r in records.items() if r.get("train_sha256")}
+
+
+def load_train(cfg: CmoeConfig, bundle: ValidatedBundle, model: nn.Module, processor: VLProcessor) -> TaskData:
+    """The new task's training rows, encoded with answers; refused if `model` learned this data before."""
+    if bundle.name in cmoe_info(model).tasks:
+        raise StageError(f"{bundle.uri}: task {bundle.name!r} is already in this lineage; a task is learned once")
+    with training_scope(bundle, learned_train_splits(model)):  # rehearsal-free, checked by content
+        rows = load_split(bundle, "train", cache_dir=cfg.home / "cache")
+    return encode_rows(bundle.spec, rows, processor, with_answers=True)
+
+
+def record_task(model: nn.Module, bundle: ValidatedBundle, eval_set: EvalSetRef | None) -> None:
+    """Record where the task just added to `model` came from, and its kept evaluation set."""
+    info = cmoe_info(model)
+    info.task_records[bundle.name] = {
+        "bundle_sha256": bundle.sha256, "train_sha256": bundle.split_sha256["train"],
+        "eval_set": asdict(eval_set) if eval_set is not None else None,
+    }
+
+
+def kept_eval_sets(cfg: CmoeConfig, model: nn.Module) -> list[EvalSet]:
+    """Every learned task's kept evaluation set, in task order: what re-testing reads (never a bundle)."""
+    info = cmoe_info(model)
+    refs = []
+    for task in info.tasks:
+        entry = info.task_records.get(task, {}).get("eval_set")
+        if entry is None:
+            raise StageError(f"task {task!r} has no kept evaluation set in this state: it cannot be re-tested "
+                             "(states written before cmoe kept evaluation sets must be re-learned)")
+        refs.append(EvalSetRef.from_dict(entry))
+    return [open_eval_set(ref, cache_dir=cfg.home / "cache") for ref in refs]
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -1,9 +1,11 @@
 """Evaluation: re-test every task learned so far, task-agnostically, and measure forgetting.
 
-Each task's test split is answered twice with batched greedy decoding: with locator routing (PTL
-picks the router; what users get) and with oracle routing (the true task's router), so locator
-errors and expert errors can be told apart. The accuracy-matrix row of this step is combined with
-the lineage's earlier rows into Avg, BWT, Forgetting and MAA.
+Every task is re-tested on its *kept evaluation set* (its test split, kept by the lineage when it
+was learned; see cmoe.data.evalsets), never on its bundle, so old bundles may be deleted. Each set
+is answered twice with batched greedy decoding: with locator routing (PTL picks the router; what
+users get) and with oracle routing (the true task's router), so locator errors and expert errors
+can be told apart. The accuracy-matrix row of this step is combined with the lineage's earlier rows
+into Avg (= MFN), MFT, BWT, Forgetting and MAA (formulas in cmoe/stages/metrics.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from cmoe.model.inference import decode
 from cmoe.model.params import count_params
 from cmoe.model.routing import RoutingMode
 from cmoe.stages import metrics
-from cmoe.stages.common import TaskData, load_task, open_lineage
+from cmoe.data.evalsets import EvalSet
+from cmoe.stages.common import StageError, TaskData, encode_rows, kept_eval_sets, open_lineage
 
 
 @dataclass
@@ -34,7 +37,8 @@ class EvalReport:
     locator_acc: float | None  # percent of test samples routed to their own task
     confusion: list[list[int]] | None  # [true task][located task] counts
     matrix: list[list[float | None]]  # the lineage's accuracy matrix up to this step
-    avg_acc: float
+    avg_acc: float  # = MFN, the mean final accuracy
+    mft: float | None  # mean accuracy of each task right after it was learned (diagonal)
     bwt: float | None
     forgetting: float | None
     maa: float | None
@@ -59,32 +63,38 @@ def task_accuracy(preds: list[str], data: TaskData) -> float:
     return 100 * sum(metrics.score(p, a, data.spec.metric) for p, a in zip(preds, data.answers)) / len(preds)
 
 
-def run_evaluate(cfg: CmoeConfig, state_dir: Path, bundles: list[str], out_dir: Path,
-                 history: list[dict[str, float]]) -> EvalReport:
-    """Evaluate the state at `state_dir` on every bundle (all tasks so far, in order)."""
+def run_evaluate(cfg: CmoeConfig, state_dir: Path, out_dir: Path, history: list[dict[str, float]]) -> EvalReport:
+    """Evaluate the state at `state_dir` on every task it has learned, from the kept evaluation sets.
+
+    `history` holds the lineage's earlier accuracy rows (one per earlier task, in order); missing
+    rows leave their matrix cells unknown (Avg is still the final row's mean).
+    """
     model, processor = open_lineage(cfg, Path(state_dir))
-    return evaluate_model(cfg, model, processor, bundles, out_dir, history)
+    return evaluate_model(cfg, model, processor, kept_eval_sets(cfg, model), out_dir, history)
 
 
 @torch.no_grad()
-def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, bundles: list[str], out_dir: Path,
+def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets: list[EvalSet], out_dir: Path,
                    history: list[dict[str, float]]) -> EvalReport:
-    """Evaluate an in-memory CMoE model on every bundle; see `run_evaluate`."""
+    """Evaluate an in-memory CMoE model on every evaluation set (all tasks so far, in order)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = cmoe_info(model)
     single = info.single_router
-    has_locator = not single and all(t in info.locator.tasks for t in info.tasks)
+    if not single and (missing := [t for t in info.tasks if t not in info.locator.tasks]):
+        # Oracle routing would need the task label users do not have: reporting it as the
+        # task-agnostic accuracy would be a lie.
+        raise StageError(f"tasks {missing} have no locator VAE: this model cannot route without task labels")
     t0, n = time.perf_counter(), 0
     acc: dict[str, float] = {}
     oracle: dict[str, float] | None = None if single else {}
     names: list[str] = []
     located_all: list[tuple[str, str]] = []
-    for bundle in bundles:
-        data = load_task(bundle, "test", processor, cfg, with_answers=False)
+    for eval_set in eval_sets:
+        data = encode_rows(eval_set.spec, eval_set.rows, processor, with_answers=False)
         name = data.spec.name
         if name not in info.tasks:
-            raise ValueError(f"{bundle}: task {name!r} was never learned by this state (tasks: {info.tasks})")
+            raise StageError(f"evaluation set of task {name!r}: this state never learned it (tasks: {info.tasks})")
         names.append(name)
         n += len(data.encoded)
         if single:
@@ -93,12 +103,9 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, bundles: 
             continue
         preds, _ = answer_task(model, processor, data, cfg, "oracle", name)
         oracle[name] = task_accuracy(preds, data)
-        if has_locator:
-            preds, located = answer_task(model, processor, data, cfg, "locator", None)
-            acc[name] = task_accuracy(preds, data)
-            located_all += [(name, t) for t in located]
-        else:
-            acc[name] = oracle[name]
+        preds, located = answer_task(model, processor, data, cfg, "locator", None)
+        acc[name] = task_accuracy(preds, data)
+        located_all += [(name, t) for t in located]
     wall = time.perf_counter() - t0
 
     confusion = None
@@ -110,13 +117,13 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, bundles: 
             confusion[names.index(true)][idx[got]] += 1
         locator_acc = 100 * sum(t == g for t, g in located_all) / len(located_all)
 
-    matrix = _matrix(history + [acc], names)
+    matrix = _matrix(history, acc, names)
     counts = count_params(model)
     report = EvalReport(
         tasks=names, acc=acc, oracle_acc=oracle, locator_acc=locator_acc, confusion=confusion, matrix=matrix,
-        avg_acc=metrics.avg_acc(matrix), bwt=metrics.bwt(matrix), forgetting=metrics.forgetting(matrix),
-        maa=metrics.maa(matrix), params_total=counts.total, params_active=counts.active_per_token,
-        params_added=[counts.added_per_task.get(t, 0) for t in info.tasks],
+        avg_acc=metrics.avg_acc(matrix), mft=metrics.mft(matrix), bwt=metrics.bwt(matrix),
+        forgetting=metrics.forgetting(matrix), maa=metrics.maa(matrix), params_total=counts.total,
+        params_active=counts.active_per_token, params_added=[counts.added_per_task.get(t, 0) for t in info.tasks],
         eval_samples_per_s=n * (1 if single else 2) / wall,
         report_json=str(out_dir / "eval.json"), heatmap_png=str(out_dir / "accuracy.png"),
     )
@@ -125,8 +132,10 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, bundles: 
     return report
 
 
-def _matrix(rows: list[dict[str, float]], names: list[str]) -> list[list[float | None]]:
-    """Accuracy rows (task -> acc, one per step) as a lower-triangular matrix over `names`."""
+def _matrix(history: list[dict[str, float]], final: dict[str, float], names: list[str]) -> list[list[float | None]]:
+    """Earlier accuracy rows + this step's as a lower-triangular matrix over `names`: one row per
+    task, the last one this step's; rows the history lacks stay unknown (None)."""
+    rows = (history + [{}] * len(names))[: len(names) - 1] + [final]
     return [[row.get(t) if j <= i else None for j, t in enumerate(names)] for i, row in enumerate(rows)]
 
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from cmoe.config import CmoeConfig
-from cmoe.data.guard import training_scope
-from cmoe.data.loading import read_task_spec
+from cmoe.data.evalsets import EvalSetRef
+from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
     add_expert, add_task, cmoe_info, cmoe_layers, drop_probes, load_probe_state, promote_probe, trainable_parameters,
 )
@@ -26,7 +26,7 @@ from cmoe.model.locator import drop_tokens, fit_task_vae, image_features, text_f
 from cmoe.model.processor import IGNORE, Encoded
 from cmoe.model.routing import route
 from cmoe.model.state import save_state
-from cmoe.stages.common import TaskData, load_task, moe_loss, open_lineage
+from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, record_task
 from cmoe.stages.distributed import check_ranks_agree, on_rank0
 from cmoe.stages.probe import ProbeReport
 from cmoe.stages.trainer import TrainResult, TrainSpec, train
@@ -88,19 +88,20 @@ def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConf
 
 
 def run_expand(
-    cfg: CmoeConfig, bundle: str, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
-    *, copy_base: bool = True, variant: Variant = "cmoe",
+    cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
+    *, eval_set: EvalSetRef | None = None, copy_base: bool = True, variant: Variant = "cmoe",
 ) -> ExpandResult:
     """Grow + train task `bundle` on the lineage at `parent_state`; write the new state to out_dir/state.
 
-    `variant` selects the baselines that share this code: "single-router" (one shared router,
-    experts grow by the plan, no locator) and "seq-ft" (no growth: every expert and the shared
-    router are fine-tuned on each task in turn).
+    The state records the task's provenance and `eval_set`, its kept evaluation set (what later
+    evaluations re-test it on). `variant` selects the baselines that share this code:
+    "single-router" (one shared router, experts grow by the plan, no locator) and "seq-ft" (no
+    growth: every expert and the shared router are fine-tuned on each task in turn).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     model, processor = open_lineage(cfg, parent_state, single_router=variant != "cmoe")
-    name, added, result, locator = expand_model(cfg, model, processor, bundle, probe, out_dir, variant)
+    name, added, result, locator = expand_model(cfg, model, processor, bundle, probe, out_dir, variant, eval_set)
     # Only rank 0 writes the state; the other ranks wait for it (a no-op in one process).
     state = on_rank0(lambda: save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True),
                      default=out_dir / "state")
@@ -108,20 +109,20 @@ def run_expand(
 
 
 def expand_model(
-    cfg: CmoeConfig, model: torch.nn.Module, processor, bundle: str, probe: ProbeReport | None, out_dir: Path,
-    variant: Variant = "cmoe",
+    cfg: CmoeConfig, model: torch.nn.Module, processor, bundle: ValidatedBundle, probe: ProbeReport | None,
+    out_dir: Path, variant: Variant = "cmoe", eval_set: EvalSetRef | None = None,
 ) -> tuple[str, int, TrainResult, dict]:
-    """Add task `bundle` to the in-memory `model`: grow, train, fit its locator; (task, params added, training, locator)."""
-    history = list(cmoe_info(model).tasks)
-    name = read_task_spec(bundle).name
-    with training_scope(name, history):  # rehearsal-free: older tasks' training data stays closed
-        data = load_task(bundle, "train", processor, cfg, with_answers=True)
+    """Add task `bundle` to the in-memory `model`: grow, train, fit its locator, record where it came
+    from and its kept `eval_set`; (task, params added, training, locator)."""
+    name = bundle.name
     if probe is not None and probe.task != name:
-        raise ValueError(f"probe report is for task {probe.task!r}, bundle {bundle} is {name!r}")
+        raise ValueError(f"probe report is for task {probe.task!r}, bundle {bundle.uri} is {name!r}")
+    data = load_train(cfg, bundle, model, processor)  # refused if the lineage learned this data before
     # New routers and experts draw from torch's global RNG: seed it, or the result depends on what
     # this process happened to draw before (and N ranks would not match one process).
     torch.manual_seed(cfg.expand.seed)
     add_task(model, name)
+    record_task(model, bundle, eval_set)
     added = grow(model, probe) if probe is not None else 0
     if variant == "seq-ft":  # the upcycled experts themselves train: their changes live only in memory
         for layer in cmoe_layers(model).values():

@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments (the deepspeed launcher also passes --local_rank)."""
     ap = argparse.ArgumentParser(prog="python -m cmoe.stages.expand_main", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="YAML config (default: $CMOE_CONFIG, else the embedded defaults)")
-    ap.add_argument("--bundle", required=True, help="task bundle: local folder or s3://bucket/prefix/")
+    ap.add_argument("--bundle", required=True,
+                    help="task bundle: local folder or s3://bucket/prefix/, or the launcher's bundle.json")
+    ap.add_argument("--eval-set", type=Path, help="eval_set.json: the task's kept evaluation set, recorded in the state")
     ap.add_argument("--out", required=True, type=Path, help="output folder (state/, checkpoints/, expand.json)")
     ap.add_argument("--parent-state", type=Path, help="CMoE state to build on (default: the upcycled base)")
     ap.add_argument("--probe", type=Path, help="probe.json of the PGKE stage (the expansion plan)")
@@ -47,13 +49,20 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
 
     from cmoe.config import load_config
+    from cmoe.data.evalsets import EvalSetRef
+    from cmoe.data.validate import ValidatedBundle, open_bundle
     from cmoe.stages.distributed import on_rank0
     from cmoe.stages.expand import run_expand
     from cmoe.stages.probe import ProbeReport
 
     cfg = load_config(args.config)
     probe = ProbeReport(**json.loads(args.probe.read_text())) if args.probe else None
-    result = run_expand(cfg, args.bundle, args.parent_state, probe, args.out,
+    eval_set = EvalSetRef.from_dict(json.loads(args.eval_set.read_text())) if args.eval_set else None
+    if args.bundle.endswith(".json") and Path(args.bundle).is_file():  # validated by the launcher's caller
+        bundle = ValidatedBundle.from_dict(json.loads(Path(args.bundle).read_text()))
+    else:
+        bundle = open_bundle(args.bundle, cache_dir=cfg.home / "cache")
+    result = run_expand(cfg, bundle, args.parent_state, probe, args.out, eval_set=eval_set,
                         copy_base=not args.no_copy_base, variant=args.variant)
 
     def write() -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 import yaml
 
 from cmoe.config import CmoeConfig
+from cmoe.data.evalsets import EvalSetRef
+from cmoe.data.validate import ValidatedBundle
 from cmoe.stages import expand as expand_stage
 from cmoe.stages.expand import ExpandResult, Variant
 from cmoe.stages.expand_main import RESULT_FILE
@@ -45,19 +47,25 @@ def launcher_command(cfg: CmoeConfig, args: list[str]) -> list[str]:
 
 
 def expand(
-    cfg: CmoeConfig, bundle: str, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
-    *, copy_base: bool = True, variant: Variant = "cmoe",
+    cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
+    *, eval_set: EvalSetRef | None = None, copy_base: bool = True, variant: Variant = "cmoe",
 ) -> ExpandResult:
     """`run_expand`, in-process or under the configured launcher; same result either way."""
     if cfg.expand.nproc_per_node == 1 and not cfg.expand.hostfile:
         # looked up at call time: whoever wraps or patches run_expand (tests count its calls) sees this call
-        return expand_stage.run_expand(cfg, bundle, parent_state, probe, out_dir, copy_base=copy_base, variant=variant)
+        return expand_stage.run_expand(cfg, bundle, parent_state, probe, out_dir, eval_set=eval_set,
+                                       copy_base=copy_base, variant=variant)
     out_dir = Path(out_dir).resolve()
-    inputs = out_dir / "launch"  # what every rank reads: the exact config and plan of this call
+    inputs = out_dir / "launch"  # what every rank reads: the exact config, bundle and plan of this call
     inputs.mkdir(parents=True, exist_ok=True)
     (inputs / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    args = ["--config", str(inputs / "config.yaml"), "--bundle", str(bundle), "--out", str(out_dir),
+    # The validated bundle travels as JSON: the ranks read it without validating it again.
+    (inputs / "bundle.json").write_text(json.dumps(bundle.to_dict(), indent=2))
+    args = ["--config", str(inputs / "config.yaml"), "--bundle", str(inputs / "bundle.json"), "--out", str(out_dir),
             "--variant", variant]
+    if eval_set is not None:
+        (inputs / "eval_set.json").write_text(json.dumps(asdict(eval_set), indent=2))
+        args += ["--eval-set", str(inputs / "eval_set.json")]
     if probe is not None:
         (inputs / "probe.json").write_text(json.dumps(asdict(probe), indent=2))
         args += ["--probe", str(inputs / "probe.json")]

@@ -39,9 +39,15 @@ def _final_row(matrix: list[list[float | None]]) -> list[float]:
 
 
 def avg_acc(matrix: list[list[float | None]]) -> float:
-    """Final average accuracy: mean over tasks of A[T][j]."""
+    """Final average accuracy (Avg; MCITlib's MFN, mean final accuracy): mean over tasks of A[T][j]."""
     row = _final_row(matrix)
     return sum(row) / len(row)
+
+
+def mft(matrix: list[list[float | None]]) -> float | None:
+    """Mean fine-tuned accuracy (MCITlib's MFT): mean over tasks of A[j][j], each right after learning it."""
+    diag = [row[j] for j, row in enumerate(matrix) if row[j] is not None]
+    return sum(diag) / len(diag) if diag else None
 
 
 def bwt(matrix: list[list[float | None]]) -> float | None:

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from cmoe.config import BaseModelConfig
+from cmoe.data.guard import training_scope
 from cmoe.data.loading import load_split
-from cmoe.data.bundle import bundle_sha256
+from cmoe.data.validate import open_bundle
 from cmoe.data.synth import caption_attributes, write_pretrain_corpus
 from cmoe.files import atomic_dir
 from cmoe.model.base import build_tiny_llava, save_base, tiny_image_processor, weights_sha256
@@ -65,15 +66,17 @@ def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cach
         if corpus is None:
             corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples)
         cache_dir = cache_dir or Path(tmp) / "cache"
-        recipe = _recipe(cfg, bundle_sha256(corpus))
+        bundle = open_bundle(corpus, cache_dir=cache_dir)  # validated and hashed once
+        recipe = _recipe(cfg, bundle.sha256)
         card = out / CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
             saved = json.loads(card.read_text())
             saved.pop("config", None)  # the card also records the config; not a result field
             return BaseBuildResult(**{**saved, "reused": True, "train": None, "wall_s": time.perf_counter() - t0})
 
-        train_rows = load_split(str(corpus), "train", cache_dir=cache_dir)
-        test_rows = load_split(str(corpus), "test", cache_dir=cache_dir)
+        with training_scope(bundle, {}):  # the corpus is this stage's own training data
+            train_rows = load_split(bundle, "train", cache_dir=cache_dir)
+        test_rows = load_split(bundle, "test", cache_dir=cache_dir)
         texts = list(train_rows["question"]) + list(train_rows["answer"]) + [PROMPT]
         tokenizer = train_tokenizer(texts, cfg.vocab_size)
         model = build_tiny_llava(cfg, tokenizer)

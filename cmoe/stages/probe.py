@@ -18,16 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 from cmoe.config import CmoeConfig
-from cmoe.data.bundle import bundle_sha256
-from cmoe.data.guard import training_scope
-from cmoe.data.loading import read_task_spec
-from cmoe.data.storage import fetch_bundle
+from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
     add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, probe_state, record_routing, trainable_parameters,
 )
 from cmoe.model.inference import device_of
 from cmoe.model.routing import route
-from cmoe.stages.common import load_task, moe_loss, open_lineage, split_holdout
+from cmoe.stages.common import load_train, moe_loss, open_lineage, split_holdout
 from cmoe.stages.trainer import TrainSpec, train
 
 PROBE_FILE = "probe.safetensors"  # trained probes + router: the expansion's warm start
@@ -73,17 +70,13 @@ def expert_size(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in layer.experts[0].parameters())
 
 
-def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: Path) -> ProbeReport:
+def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, out_dir: Path) -> ProbeReport:
     """Train probes on task `bundle` over the lineage at `parent_state`; write report, chart, probes."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = open_lineage(cfg, parent_state)
-    history = list(cmoe_info(model).tasks)
-    name = read_task_spec(bundle).name
-    if name in history:
-        raise ValueError(f"{bundle}: task {name!r} is already in this lineage; a task is learned once")
-    with training_scope(name, history):  # rehearsal-free: older tasks' training data stays closed
-        data = load_task(bundle, "train", processor, cfg, with_answers=True)
+    name = bundle.name
+    data = load_train(cfg, bundle, model, processor)  # refused if the lineage learned this data before
     # The new router's columns (and the probes' router columns) draw from torch's global RNG: seed
     # it as the expansion does, or the plan depends on what this process drew before.
     torch.manual_seed(cfg.expand.seed)
@@ -116,7 +109,7 @@ def run_probe(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: 
 
     save_file(probe_state(model), str(out_dir / PROBE_FILE))
     report = ProbeReport(
-        task=name, bundle_sha256=data.sha256, tau=scores[min(scores)]["tau"],
+        task=name, bundle_sha256=bundle.sha256, tau=scores[min(scores)]["tau"],
         scores={str(k): v for k, v in scores.items()}, plan={str(k): v for k, v in plan.items()},
         params_to_add=params_to_add, est_train_s=est, report_json=str(out_dir / "probe.json"),
         chart_png=str(out_dir / "probe.png"), probe_file=str(out_dir / PROBE_FILE), train=asdict(result),
@@ -156,14 +149,14 @@ def plot_scores(report: ProbeReport, path: Path) -> None:
     plt.close(fig)
 
 
-def naive_plan(cfg: CmoeConfig, bundle: str, parent_state: Path | None, out_dir: Path) -> ProbeReport:
+def naive_plan(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, out_dir: Path) -> ProbeReport:
     """The naive-expand baseline's plan: one new expert in every CMoE layer, no probe."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, _ = open_lineage(cfg, parent_state)
     plan = {str(i): 1 for i in cmoe_layers(model)}
     report = ProbeReport(
-        task=read_task_spec(bundle).name, bundle_sha256=bundle_sha256(fetch_bundle(bundle, cache_dir=cfg.home / "cache")),
+        task=bundle.name, bundle_sha256=bundle.sha256,
         tau=0.0, scores={}, plan=plan, params_to_add=len(plan) * expert_size(model), est_train_s=0.0,
         report_json=str(out_dir / "probe.json"), chart_png="", probe_file=None,
     )

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from cmoe.data.bundle import BundleError, TaskSpec
+from cmoe.data.guard import training_scope
 from cmoe.data.loading import FEATURES, load_split, read_task_spec
+from cmoe.data.validate import open_bundle
 
 from .helpers import snapshot
 
@@ -18,12 +20,18 @@ def rows(ds) -> list[tuple]:
     return [(np.asarray(r["image"]).tobytes(), r["question"], r["answer"], r["answers"], r["id"]) for r in ds]
 
 
+def train_rows(root: Path, cache: Path):
+    """The train split of the bundle at `root`, read as its own task's stages read it."""
+    bundle = open_bundle(root)
+    with training_scope(bundle, {}):
+        return load_split(bundle, "train", cache_dir=cache)
+
+
 def test_imagefolder_and_parquet_load_identical_rows(make_bundle, tmp_path: Path) -> None:
     folder = make_bundle("if", layout="imagefolder")
     before = snapshot(folder)
     loaded = {
-        layout: load_split(make_bundle(layout, layout=layout) if layout != "imagefolder" else folder, "train",
-                           cache_dir=tmp_path / "cache")
+        layout: train_rows(make_bundle(layout, layout=layout) if layout != "imagefolder" else folder, tmp_path / "cache")
         for layout in ("imagefolder", "parquet", "parquet-bytes")
     }
     assert snapshot(folder) == before  # the datasets cache went to cache_dir, not into the bundle
@@ -33,7 +41,7 @@ def test_imagefolder_and_parquet_load_identical_rows(make_bundle, tmp_path: Path
 
 
 def test_optional_fields_get_defaults(bundle: Path, tmp_path: Path) -> None:
-    ds = load_split(bundle, "test", cache_dir=tmp_path / "cache")
+    ds = load_split(open_bundle(bundle), "test", cache_dir=tmp_path / "cache")
     first = ds[0]["answer"]
     assert ds[0]["answers"] == [first, f"{first}ish"] and ds[0]["id"] == "test-q0"
     assert ds[2]["answers"] == [ds[2]["answer"]] and ds[2]["id"] == "test-2"  # no answers, no id
@@ -44,7 +52,7 @@ def test_invalid_bundle_raises_with_every_problem(bundle: Path, tmp_path: Path) 
     (bundle / "test/images/0.png").write_bytes(b"junk")
     (bundle / "train/images/1.png").unlink()
     with pytest.raises(BundleError) as err:
-        load_split(bundle, "train", cache_dir=tmp_path / "cache")
+        open_bundle(bundle)
     assert [str(p).split(":")[0] for p in err.value.problems] == ["train/metadata.jsonl", "test/images/0.png"]
 
 

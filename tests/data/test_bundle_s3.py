@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from cmoe.data import storage
 from cmoe.data.bundle import bundle_sha256
 from cmoe.data.loading import load_split, read_task_spec
 from cmoe.data.storage import StorageError, fetch_bundle, list_bundles, upload_bundle
-from cmoe.data.validate import validate
+from cmoe.data.validate import open_bundle, validate
 
 from .test_bundle_loading import rows
 
@@ -25,16 +24,16 @@ def test_s3_bundle_validates_and_loads_like_its_local_copy(bundle: Path, s3_buck
     assert uri == f"s3://{s3_bucket}/inbox/tiny/"
     report = validate(uri, cache_dir=tmp_path / "cache")
     assert report.ok and report.sha256 == bundle_sha256(bundle)
-    assert report.root == tmp_path / "cache" / "bundles" / report.sha256
+    assert report.root.parent == tmp_path / "cache" / "bundles"
     assert read_task_spec(uri).name == "tiny-color"
-    remote = load_split(uri, "test", cache_dir=tmp_path / "cache")
-    assert rows(remote) == rows(load_split(bundle, "test", cache_dir=tmp_path / "cache"))
+    remote = load_split(open_bundle(uri, cache_dir=tmp_path / "cache"), "test", cache_dir=tmp_path / "cache")
+    assert rows(remote) == rows(load_split(open_bundle(bundle), "test", cache_dir=tmp_path / "cache"))
 
 
-def test_cache_is_keyed_by_hash_and_reused(bundle: Path, s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
+def test_download_is_keyed_by_listing_and_reused(bundle: Path, s3_bucket: str, tmp_path: Path, monkeypatch) -> None:
     uri = upload_bundle(bundle, f"s3://{s3_bucket}/b1")
     first = fetch_bundle(uri, cache_dir=tmp_path)
-    assert first.name == bundle_sha256(bundle)
+    assert bundle_sha256(first) == bundle_sha256(bundle)
     downloads = []
     real_client = storage.s3_client
 
@@ -49,10 +48,10 @@ def test_cache_is_keyed_by_hash_and_reused(bundle: Path, s3_bucket: str, tmp_pat
     # Same content under another prefix: same listing (relative keys, sizes, ETags), same folder.
     assert fetch_bundle(upload_bundle(bundle, f"s3://{s3_bucket}/b2"), cache_dir=tmp_path) == first
     assert downloads == []
-    # Without the listing index it is downloaded again, and the existing folder is kept.
-    shutil.rmtree(tmp_path / "bundles" / ".s3-index")
+    # Once the local copy is forgotten (its task decided), the next fetch downloads it again.
+    assert storage.forget_download(first, cache_dir=tmp_path) and not first.exists()
     assert fetch_bundle(uri, cache_dir=tmp_path) == first and downloads
-    assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == [".s3-index", first.name]
+    assert [p.name for p in (tmp_path / "bundles").iterdir()] == [first.name]
 
 
 def test_incomplete_s3_bundle_is_neither_listed_nor_downloaded(bundle: Path, s3_bucket: str, tmp_path: Path) -> None:

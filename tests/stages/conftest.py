@@ -18,6 +18,7 @@ apply_defaults()  # offline Hugging Face, no telemetry: as the CLI runs
 import pytest  # noqa: E402
 
 from cmoe.config import CmoeConfig, tiny_test_config  # noqa: E402
+from cmoe.data.validate import ValidatedBundle  # noqa: E402
 
 
 def stage_config(home: Path, base: Path, **sections: dict) -> CmoeConfig:
@@ -37,9 +38,12 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def suite(tiny_suite: list[Path]) -> list[str]:
-    """The first two bundles of the session's tiny coin-mini (tests/conftest.py), as URIs."""
-    return [str(p) for p in tiny_suite]
+def suite(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[ValidatedBundle]:
+    """The first two bundles of the session's tiny coin-mini (tests/conftest.py), validated once."""
+    from cmoe.data.validate import open_bundle
+
+    cache = tmp_path_factory.mktemp("suite-cache")
+    return [open_bundle(p, cache_dir=cache) for p in tiny_suite]
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +63,7 @@ class Lineage:
     """Two tasks learned in order; task 1 grows 2 experts in layer 0, task 2 one in layer 1."""
 
     cfg: CmoeConfig
-    bundles: list[str]
+    bundles: list[ValidatedBundle]
     names: list[str]
     probes: list  # ProbeReport per task, with the plan above
     expands: list  # ExpandResult per task
@@ -73,7 +77,9 @@ PLANS = ({"0": 2}, {"1": 1})  # fixed plans: the expansion must follow exactly w
 
 @pytest.fixture(scope="session")
 def lineage(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Lineage:
-    """Probe + expand task 1 on the base, then task 2 on task 1's state (read-only for tests)."""
+    """Probe + expand task 1 on the base, then task 2 on task 1's state (read-only for tests);
+    each task's evaluation set is kept under `<root>/evalsets`, as the flow keeps it."""
+    from cmoe.data.evalsets import keep_eval_set
     from cmoe.stages.expand import run_expand
     from cmoe.stages.probe import expert_size, run_probe
     from cmoe.stages.common import open_lineage
@@ -85,7 +91,8 @@ def lineage(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathF
     for i, (bundle, plan) in enumerate(zip(suite, PLANS)):
         probe = run_probe(cfg, bundle, parent, root / f"{i}" / "probe")
         probe = replace(probe, plan=plan, params_to_add=sum(plan.values()) * size)
-        expanded = run_expand(cfg, bundle, parent, probe, root / f"{i}" / "expand")
+        kept = keep_eval_set(bundle, str(root / "evalsets"), cache_dir=cfg.home / "cache")
+        expanded = run_expand(cfg, bundle, parent, probe, root / f"{i}" / "expand", eval_set=kept)
         probes.append(probe)
         expands.append(expanded)
         names.append(probe.task)
