@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True)
-console = Console()
+from cmoe.cli.common import ConfigOpt, console, fail, load
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")]
+app = typer.Typer(no_args_is_help=True)
 
 
 @app.command()
@@ -23,10 +21,9 @@ def build(
     config: ConfigOpt = None,
 ) -> None:
     """Pretrain the tiny vision-language base on the synthetic captions (cached per recipe)."""
-    from cmoe.config import load_config
+    cfg = load(config)  # before the stages' imports: a bad config fails in a moment, not after torch loads
     from cmoe.stages.pretrain import build_base
 
-    cfg = load_config(config)
     if seed is not None:
         cfg.base.seed = seed
     result = build_base(cfg.base, out or cfg.home / "base", cache_dir=cfg.home / "cache")
@@ -45,9 +42,8 @@ def info(path: Annotated[Path, typer.Argument(help="A local LLaVA-style checkpoi
 
     try:
         model, _ = load_base(path)
-    except BaseModelError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
+    except BaseModelError as err:
+        raise fail(err) from None
     d = describe(model)
     table = Table(title=str(path), show_header=False)
     for k, v in d.items():

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from cmoe.cli.common import ConfigOpt, load
+
 console = Console(soft_wrap=True)  # a long detail stays on its line: the output is grep-able
 _STYLE = {"OK": "green", "FAIL": "bold red", "SKIP": "yellow"}
 
 
 def doctor(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")] = None,
+    config: ConfigOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds each network check may take.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -25,13 +26,7 @@ def doctor(
     Exits 1 when a configured service (or the local set-up) fails; SKIP = not configured, the
     embedded default is used.
     """
-    from cmoe.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
+    cfg = load(config)
     # The same Prefect home as `cmoe run` / `cmoe watch`, so a profile set there is seen here too.
     if (cfg.home / "prefect").is_dir():  # (the doctor writes nothing: no new folder just for this)
         os.environ.setdefault("PREFECT_HOME", str((cfg.home / "prefect").resolve()))

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (defaults: embedded tiny setup).")]
+from cmoe.cli.common import ConfigOpt, console, error, load
+
 ParentOpt = Annotated[Path | None, typer.Option("--parent", help="CMoE state to build on (default: the base).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 
@@ -23,32 +22,32 @@ def _print(result: object) -> None:
 def probe(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3://).")],
           out: OutOpt, parent: ParentOpt = None, config: ConfigOpt = None) -> None:
     """PGKE: train probe experts briefly and write the per-layer expansion plan."""
-    from cmoe.config import load_config
+    cfg = load(config)  # before the stages' imports: a bad config fails in a moment, not after torch loads
     from cmoe.stages.probe import run_probe
 
-    _print(run_probe(load_config(config), bundle, parent, out))
+    _print(run_probe(cfg, bundle, parent, out))
 
 
 def expand(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3://).")],
            plan: Annotated[Path, typer.Option("--plan", help="probe.json written by `cmoe probe`.")],
            out: OutOpt, parent: ParentOpt = None, config: ConfigOpt = None) -> None:
     """Grow the planned experts, train them + the task router with DeepSpeed, fit the locator."""
-    from cmoe.config import load_config
+    cfg = load(config)
     from cmoe.stages.expand import run_expand
     from cmoe.stages.probe import ProbeReport
 
     report = ProbeReport(**json.loads(plan.read_text()))
-    _print(run_expand(load_config(config), bundle, parent, report, out))
+    _print(run_expand(cfg, bundle, parent, report, out))
 
 
 def evaluate(state: Annotated[Path, typer.Argument(help="CMoE state directory.")],
              tasks: Annotated[str, typer.Option("--tasks", help="Bundles of every task so far, in order, comma-separated.")],
              out: OutOpt, config: ConfigOpt = None) -> None:
     """Re-test every task (locator and oracle routing); accuracy row, locator accuracy, params."""
-    from cmoe.config import load_config
+    cfg = load(config)
     from cmoe.stages.evaluate import run_evaluate
 
-    _print(run_evaluate(load_config(config), state, tasks.split(","), out, []))
+    _print(run_evaluate(cfg, state, tasks.split(","), out, []))
 
 
 def bench(
@@ -61,15 +60,14 @@ def bench(
     config: ConfigOpt = None,
 ) -> None:
     """Train the task sequence with each method and write results.json, results.md and plots."""
-    from cmoe.config import load_config
+    if (suite is None) == (tasks is None):
+        error("give exactly one of --suite or --tasks")
+        raise typer.Exit(2)
+    cfg = load(config)
     from cmoe.data.synth import synth_suite
     from cmoe.stages.bench import bundles_in, run_bench
     from cmoe.stages.pretrain import build_base
 
-    if (suite is None) == (tasks is None):
-        console.print("[red]error:[/] give exactly one of --suite or --tasks")
-        raise typer.Exit(2)
-    cfg = load_config(config)
     if base is not None:
         cfg.base.path = str(base)
     elif cfg.base.path is None:
