@@ -49,12 +49,13 @@ def _short(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _run(name: str, fn: Callable[[], tuple[Status, str] | str]) -> Check:
-    """Run one check; an exception becomes FAIL with its message."""
+def _run(name: str, fn: Callable[[], tuple[Status, str] | str], told: tuple[type[Exception], ...] = ()) -> Check:
+    """Run one check; CheckFailed (or one of `told`: errors whose message is the reason) becomes FAIL
+    with its message, any other exception FAIL with its type and message."""
     try:
         out = fn()
-    except CheckFailed as err:
-        return Check(name, "FAIL", str(err))
+    except (CheckFailed, *told) as err:
+        return Check(name, "FAIL", _short(err, 600))
     except Exception as err:  # noqa: BLE001 - a doctor reports every failure, it does not crash on one
         return Check(name, "FAIL", f"{type(err).__name__}: {_short(err)}")
     status, detail = ("OK", out) if isinstance(out, str) else out
@@ -160,107 +161,23 @@ def check_prefect(timeout: float) -> Check:
 
 
 # ---------------------------------------------------------------------------- MLflow
-def _mlflow_env(timeout: float) -> None:
-    # MLflow retries failed requests with exponential back-off for minutes by default.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
-
-
-def _mlflow_auth() -> tuple[tuple[str, str] | None, dict[str, str], str]:
-    """(basic auth, headers, description) the MLflow client would send, from its standard variables."""
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:
-        return (user, password), {}, "MLFLOW_TRACKING_USERNAME/PASSWORD"
-    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        return None, {"Authorization": f"Bearer {token}"}, "MLFLOW_TRACKING_TOKEN"
-    return None, {}, "no auth"
-
-
 def check_mlflow(cfg: CmoeConfig, timeout: float) -> list[Check]:
-    """MLflow tracking (server version + a one-experiment search), registry (the model and its aliases)."""
-    from cmoe.registry import tracking_uri
+    """MLflow tracking (server version + a one-experiment search), registry (the model and its aliases),
+    artifact store (a listing): the registry's own read-only checks, as it is the only code that talks to MLflow."""
+    from cmoe.registry import RegistryError, health
 
-    _mlflow_env(timeout)
-    uri = tracking_uri(cfg)
-    remote = uri.startswith(("http://", "https://"))
+    def artifacts() -> str:
+        root, detail = health.check_artifacts(cfg, timeout)
+        if root.startswith("s3://"):
+            detail += f"; S3 endpoint {os.environ.get('MLFLOW_S3_ENDPOINT_URL') or 'AWS default'}, credentials: {_aws_source()}"
+        return detail
 
-    def tracking() -> str:
-        from mlflow import MlflowClient
-
-        if uri.startswith("sqlite:///"):
-            db = Path(uri.removeprefix("sqlite:///"))
-            if not db.is_file():
-                return f"{uri} (embedded default; created on the first run)"
-        where = uri
-        if remote:
-            import requests
-
-            basic, headers, auth = _mlflow_auth()
-            try:
-                r = requests.get(f"{uri.rstrip('/')}/version", auth=basic, headers=headers, timeout=timeout)
-            except requests.RequestException as err:
-                raise CheckFailed(f"{uri}: not reachable: {_short(err)}") from None
-            if r.status_code in (401, 403):
-                raise CheckFailed(f"{uri}: reachable, but {r.status_code} with {auth} "
-                                  "(set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)")
-            r.raise_for_status()
-            where = f"{uri} server {r.text.strip()}, auth: {auth}"
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        return where
-
-    def registry() -> str:
-        from mlflow import MlflowClient
-        from mlflow.exceptions import MlflowException
-
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            return "embedded default; nothing registered yet"
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_registered_models(max_results=1)
-        name = cfg.registry.model_name
-        try:
-            model = client.get_registered_model(name)
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return f"model {name!r} not registered yet"
-            raise
-        aliases = ", ".join(f"@{a} v{v}" for a, v in sorted((model.aliases or {}).items())) or "no aliases"
-        return f"model {name!r}: {aliases}"
-
-    checks = [_run("mlflow tracking", tracking)]
+    checks = [_run("mlflow tracking", lambda: health.check_tracking(cfg, timeout), told=(RegistryError,))]
     if checks[0].status == "FAIL":
         return [*checks, Check("mlflow registry", "FAIL", "tracking server not usable (above)"),
                 Check("artifact store", "FAIL", "tracking server not usable (above)")]
-    return [*checks, _run("mlflow registry", registry), _run("artifact store", lambda: _artifacts(cfg, uri, remote))]
-
-
-def _artifacts(cfg: CmoeConfig, uri: str, remote: bool) -> tuple[Status, str] | str:
-    """List the artifact root new runs of the experiment write to (proxied by the server, S3 or local)."""
-    from mlflow import MlflowClient
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        experiment = None
-    else:
-        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.registry.experiment)
-    if experiment is not None:
-        root, source = experiment.artifact_location, f"experiment {cfg.registry.experiment!r}"
-    elif cfg.registry.artifact_location:
-        root, source = cfg.registry.artifact_location, "registry.artifact_location"
-    else:
-        root, source = (cfg.home / "mlartifacts").resolve().as_uri(), "default <home>/mlartifacts"
-    if remote and root.startswith(("file:", "/")):
-        raise CheckFailed(f"{root} ({source}) is a local path of this machine while tracking is remote: other "
-                          "machines cannot read it; set registry.artifact_location to mlflow-artifacts:/<path> "
-                          "(the server's --artifacts-destination) or s3://bucket/prefix")
-    if root.startswith("file:") and not Path(root.removeprefix("file://")).exists():
-        return f"{root} ({source}; created on the first run)"
-    get_artifact_repository(root, tracking_uri=uri).list_artifacts()
-    via = ""
-    if root.startswith("s3://"):
-        via = f"; S3 endpoint {os.environ.get('MLFLOW_S3_ENDPOINT_URL') or 'AWS default'}, credentials: {_aws_source()}"
-    elif root.startswith("mlflow-artifacts:"):
-        via = "; proxied by the tracking server (clients need no store credentials)"
-    return f"{root} ({source}){via}"
+    return [*checks, _run("mlflow registry", lambda: health.check_model(cfg, timeout), told=(RegistryError,)),
+            _run("artifact store", artifacts, told=(RegistryError,))]
 
 
 # ---------------------------------------------------------------------------- S3 inbox

@@ -21,3 +21,7 @@ def test_flows_and_cli_reach_mlflow_only_through_the_registry_and_train_nothing(
         top = {m.split(".")[0] for m in imported_modules(path)}
         assert not top & {"mlflow", "torch", "deepspeed"}, path
         assert not any(m.startswith("cmoe.model") for m in imported_modules(path)), path
+
+
+def test_the_doctor_reaches_mlflow_only_through_the_registry() -> None:
+    assert not {m for m in imported_modules(ROOT / "cmoe" / "doctor.py") if m.split(".")[0] == "mlflow"}
