@@ -38,8 +38,8 @@ def check_not_learned(bundle: ValidatedBundle, learned: Mapping[str, str]) -> No
     sha = bundle.split_sha256[TRAIN]
     if (earlier := learned.get(sha)) is not None:
         raise RehearsalError(
-            f"{bundle.uri}: its training data (train split sha256 {sha[:16]}…) is task {earlier!r}'s, "
-            f"which this lineage has already learned; cmoe is rehearsal-free and learns a task's data once "
+            f"{bundle.uri}: its training data (train split sha256 {sha[:16]}…) was already learned as task "
+            f"{earlier!r} by this lineage; cmoe is rehearsal-free and learns a task's data once "
             f"(this bundle is named {bundle.name!r})")
 
 
