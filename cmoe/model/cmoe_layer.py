@@ -1,6 +1,6 @@
 """The CMoE layer: a growable pool of FFN experts with one top-k router per task (LLaVA-CMoE / CoPE).
 
-Design decisions (METHOD_NOTES "choices" in brackets):
+Design decisions (in brackets: the numbered choices of docs/method.md):
 
 - **Experts are copies of the dense MLP module itself** (`copy.deepcopy` of e.g. `LlamaMLP`), held
   in an `nn.ModuleList`. That makes the layer backbone-agnostic (Llama, Qwen2, Mistral: anything

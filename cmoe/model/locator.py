@@ -1,6 +1,6 @@
 """PTL, the probabilistic task locator: one small VAE per task picks the router of an unlabelled input.
 
-Design decisions (METHOD_NOTES choices [9]-[11], [14]):
+Design decisions (docs/method.md, choices 9-11 and 14):
 
 - Input: a frozen, task-agnostic, per-sample feature computed *before* the first CMoE layer, so it
   never changes when experts are added: mean-pooled projected image tokens ⊕ mean-pooled

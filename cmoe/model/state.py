@@ -1,6 +1,6 @@
 """The CMoE state directory: a JSON manifest, the base by reference (or a copy), one delta per task.
 
-Layout (ARCHITECTURE.md "State and lineage")::
+Layout (docs/architecture.md "State format")::
 
     cmoe.json                          manifest, format_version 1
     base/                              only with copy_base=True: the dense base, HF safetensors
