@@ -12,13 +12,13 @@ from cmoe.stages.predict import predict_rows
 from .conftest import Lineage
 
 
-def _rows(lineage: Lineage) -> tuple[list[Image.Image], list[str]]:
-    images = [Image.open(p) for p in sorted((Path(lineage.bundles[0]) / "test").rglob("*.png"))[:8]]
+def _rows(bundle: Path) -> tuple[list[Image.Image], list[str]]:
+    images = [Image.open(p) for p in sorted((bundle / "test").rglob("*.png"))[:8]]
     return images, ["what color is the shape?"] * len(images)
 
 
-def test_answers_stop_at_the_configs_eval_max_new_tokens(lineage: Lineage) -> None:
-    images, questions = _rows(lineage)
+def test_answers_stop_at_the_configs_eval_max_new_tokens(lineage: Lineage, tiny_suite: list[Path]) -> None:
+    images, questions = _rows(tiny_suite[0])
     long, short = (predict_rows(lineage.cfg.model_copy(update={"eval": EvalConfig(max_new_tokens=n)}),
                                 lineage.state(1), images, questions) for n in (8, 1))
     assert [r["task"] for r in short] == [r["task"] for r in long]  # the same routing, only cut short
