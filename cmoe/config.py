@@ -39,6 +39,10 @@ class BaseModelConfig(_Section):
     pretrain_epochs: int = 12
     pretrain_lr: float = 1e-3  # 2e-3 and 3e-3 plateau: colour naming stays at chance (measured)
     pretrain_batch_size: int = 64  # per-step overhead dominates at this size: bigger batches are cheaper
+    # The MoE stage after pretraining: epochs over the same corpus training the upcycled experts and
+    # a base router (the rest frozen), so the experts differ; 0 = a dense base (experts stay copies).
+    moe_epochs: int = Field(2, ge=0)
+    moe_lr: float = 1e-3
 
 
 class MoEConfig(_Section):
@@ -218,7 +222,7 @@ def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
         "base": {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "text_hidden": 32,
                  "text_layers": 2, "text_heads": 2, "text_intermediate": 64, "image_size": 32,
                  "patch_size": 16, "vocab_size": 300, "pretrain_samples": 200, "pretrain_epochs": 1,
-                 "pretrain_batch_size": 16},
+                 "pretrain_batch_size": 16, "moe_epochs": 1},
         "moe": {"layers": "all", "initial_experts": 2, "top_k": 1},
         "probe": {"steps": 3, "batch_size": 16, "holdout_fraction": 0.25},
         "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2},

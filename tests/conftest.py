@@ -24,6 +24,7 @@ def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) 
     from cmoe.stages.pretrain import build_base
 
     home = tmp_path_factory.mktemp("base-home")
-    built = build_base(tiny_test_config(home).base, home / "base", corpus=tiny_suite[0].parent / "pretrain",
-                       cache_dir=home / "cache")
+    cfg = tiny_test_config(home)
+    built = build_base(cfg.base, home / "base", corpus=tiny_suite[0].parent / "pretrain", cache_dir=home / "cache",
+                       moe=cfg.moe)
     return Path(built.path)

@@ -26,7 +26,7 @@ def build(
 
     if seed is not None:
         cfg.base.seed = seed
-    result = build_base(cfg.base, out or cfg.home / "base", cache_dir=cfg.home / "cache")
+    result = build_base(cfg.base, out or cfg.home / "base", cache_dir=cfg.home / "cache", moe=cfg.moe)
     h = result.heldout
     console.print(f"base {'reused' if result.reused else 'built'} at [bold]{result.path}[/] "
                   f"({result.params_total:,} params, weights sha256 {result.weights_sha256[:16]}…, {result.wall_s:.0f} s)")

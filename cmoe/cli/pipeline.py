@@ -79,7 +79,8 @@ def demo(
         deliver_bundle(bundle, inbox)
     if cfg.base.path is None:
         console.print("building the base (cached after the first run) …")
-        base = build_base(cfg.base, cfg.home / "base", corpus=suite / "pretrain", cache_dir=cfg.home / "cache")
+        base = build_base(cfg.base, cfg.home / "base", corpus=suite / "pretrain", cache_dir=cfg.home / "cache",
+                          moe=cfg.moe)
         console.print(f"base {'reused' if base.reused else 'built'}: {base.params_total:,} params "
                       f"({base.wall_s:.0f} s)")
     try:

@@ -71,7 +71,7 @@ def bench(
     if base is not None:
         cfg.base.path = str(base)
     elif cfg.base.path is None:
-        built = build_base(cfg.base, cfg.home / "base", cache_dir=cfg.home / "cache")
+        built = build_base(cfg.base, cfg.home / "base", cache_dir=cfg.home / "cache", moe=cfg.moe)
         console.print(f"base: {built.path} ({'reused' if built.reused else f'built in {built.wall_s:.0f} s'})")
     if suite is not None:
         folder = out / "suite"

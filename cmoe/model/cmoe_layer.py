@@ -18,6 +18,8 @@ Design decisions (in brackets: the numbered choices of docs/method.md):
   the current task. Experts added by later tasks are masked out (`-inf` logit) for older routers,
   so an old task's routing is bit-identical forever. A new router copies the previous router's
   columns and gets small random columns (std `ROUTER_INIT_STD`) for experts it has not seen.
+  The first router starts from the base router when the base went through the MoE stage
+  (`base_router`, loaded by `cmoe.model.moe_base`), else at random.
 - **Single-router baseline**: one shared router (index 0) that every task trains and that grows a
   column per new expert; old experts are still frozen.
 - **Probe experts** [2]: one temporary expert per layer, scored by the current router through an
@@ -180,6 +182,9 @@ class CMoELayer(nn.Module):
         self.routers = nn.ParameterList()
         self.probe: nn.Module | None = None
         self._router_before_probe: torch.Tensor | None = None
+        # The MoE stage's trained router over the E0 base experts (None for copies of a dense base):
+        # the first router's start. A buffer so it moves with the model; not saved in state dicts.
+        self.register_buffer("base_router", None, persistent=False)
         self.aux_loss: torch.Tensor | None = None  # set by every forward with grad enabled
         self.stats: dict[str, torch.Tensor] | None = None  # counts of the last `record_routing`
         self.recording = False
@@ -261,12 +266,12 @@ class CMoELayer(nn.Module):
 
     # ---------------------------------------------------------------- growth
     def add_router(self) -> None:
-        """Add the next task's router over all current experts, warm-started from the last one [8]."""
+        """Add the next task's router over all current experts, warm-started from the last one (or the base router) [8]."""
         self._no_probe("add a router")
         ref = next(self.experts[0].parameters())
         w = torch.randn(len(self.experts), self.hidden_size, device=ref.device, dtype=ref.dtype) * ROUTER_INIT_STD
-        if len(self.routers):
-            prev = self.routers[-1].detach()
+        prev = self.routers[-1].detach() if len(self.routers) else self.base_router
+        if prev is not None:
             w[: prev.shape[0]] = prev
         self.routers.append(nn.Parameter(w))
 

@@ -2,7 +2,8 @@
 
 Works on any decoder whose layers have a gated MLP (`gate_proj`, `up_proj`, `down_proj`, `act_fn`:
 Llama, Qwen2, Mistral). The conversion is in place and freezes every base parameter: in the MoE
-stages only experts and routers train (MoE-LLaVA).
+stages only experts and routers train (MoE-LLaVA). A base folder that went through the MoE stage
+(`cmoe.model.moe_base`) gives its trained experts and base router instead of copies.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import nn
 
 from cmoe.config import MoEConfig
 from cmoe.model.cmoe_layer import CMoEInfo, CMoELayer, cmoe_info, cmoe_layers
+from cmoe.model.moe_base import load_moe_base
 
 LayerSpec = str | list[int]
 _GATED_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
@@ -49,11 +51,13 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
 def convert_to_cmoe(
     model: nn.Module, cfg: MoEConfig | None = None, *, single_router: bool = False, base_path: str | None = None,
 ) -> nn.Module:
-    """Upcycle the chosen layers' MLPs into CMoE layers of `cfg.initial_experts` copies, in place.
+    """Upcycle the chosen layers' MLPs into CMoE layers of `cfg.initial_experts` experts, in place.
 
-    `base_path` is where the (dense) base was loaded from; the state format references it by path
-    and hash instead of copying it. `single_router=True` builds the one-shared-router baseline.
-    Tasks are added afterwards with `cmoe_layer.add_task`.
+    `base_path` is where the base was loaded from; the state format references it by path and hash
+    instead of copying it. When it holds a trained MoE base, the experts are its trained experts
+    (and new routers start from its base router), else copies of the dense MLP.
+    `single_router=True` builds the one-shared-router baseline. Tasks are added afterwards with
+    `cmoe_layer.add_task`.
     """
     cfg = cfg or MoEConfig()
     if isinstance(getattr(model, "cmoe", None), CMoEInfo):
@@ -71,12 +75,17 @@ def convert_to_cmoe(
             dense, dense.down_proj.out_features, cfg.initial_experts, cfg.top_k, i, info.routing, single_router
         )
     model.cmoe = info
+    if base_path is not None:
+        load_moe_base(model, base_path)
     return model
 
 
 def dense_base(model: nn.Module) -> nn.Module:
-    """A copy of the dense base a CMoE model was upcycled from (expert 0 of each layer is never trained)."""
+    """A copy of the dense base a CMoE model was upcycled from by copying (expert 0 is then never trained)."""
     cmoe_info(model)
+    if any(layer.base_router is not None for layer in cmoe_layers(model).values()):
+        raise ValueError("the model's base experts were trained in the MoE stage: no expert is the dense MLP; "
+                         "use the base folder it was loaded from")
     base = copy.deepcopy(model)
     layers = decoder_layers(base)
     for i, layer in cmoe_layers(base).items():

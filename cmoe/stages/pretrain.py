@@ -1,9 +1,12 @@
-"""Build the tiny default base: train a tokenizer, pretrain a tiny LLaVA on captions, save it.
+"""Build the tiny default base: train a tokenizer, pretrain a tiny LLaVA on captions, run the MoE stage, save it.
 
 The continual stages only ever train experts and routers over a *frozen* base, and an expert can
 only re-route what the base already computes: the base must see every attribute the tasks ask
 about and be able to say every answer word. So it is pretrained, all weights, on a captioning
 corpus whose descriptions name colour, shape, count, letter and region of every image style.
+Then the MoE stage (`cmoe.stages.moe_stage`, `base.moe_epochs` > 0) upcycles the chosen MLPs and
+trains their experts and a base router on the same corpus; the base folder is the dense HF
+checkpoint plus those experts and router (`cmoe.model.moe_base`).
 Deterministic for a seed; cached by a recipe hash (config + corpus), so a second build is free.
 """
 
@@ -19,19 +22,24 @@ from pathlib import Path
 
 import torch
 
-from cmoe.config import BaseModelConfig
+from cmoe.config import BaseModelConfig, MoEConfig
 from cmoe.data.guard import training_scope
 from cmoe.data.loading import load_split
 from cmoe.data.validate import open_bundle
+from cmoe.data.styleshift import styleshift_split
 from cmoe.data.synth import caption_attributes, write_pretrain_corpus
 from cmoe.files import atomic_dir
 from cmoe.model.base import build_tiny_llava, save_base, tiny_image_processor, weights_sha256
 from cmoe.model.inference import answer
+from cmoe.model.moe_base import save_moe_base
 from cmoe.model.processor import PROMPT, VLProcessor
 from cmoe.model.tokenizer import train_tokenizer
+from cmoe.stages.base_eval import score_styleshift
+from cmoe.stages.moe_stage import run_moe_stage
 from cmoe.stages.trainer import GlobalBatch, TrainSpec, train
 
 CARD = "cmoe_base.json"  # written last into the base folder: its presence means "complete"
+STYLESHIFT_ROWS = 250  # style-shifted check rows scored into the card (50 per attribute)
 
 
 @dataclass
@@ -44,6 +52,10 @@ class BaseBuildResult:
     weights_sha256: str
     params_total: int
     heldout: dict  # caption exact match and attribute recall, with the chance baselines
+    styleshift: dict  # answers on the style-shifted suite vs the text-only prior (cmoe.stages.base_eval)
+    # The MoE stage's log (its training, expert utilisation and pairwise output similarity, the MoE
+    # base's held-out and style-shifted scores); None for a dense base (base.moe_epochs = 0)
+    moe_stage: dict | None
     train: dict | None  # TrainResult of the pretraining (None when reused)
     wall_s: float
 
@@ -53,13 +65,17 @@ def lm_loss(model: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Ten
     return model(**batch, num_items_in_batch=glob.label_tokens).loss
 
 
-def _recipe(cfg: BaseModelConfig, corpus_sha: str) -> str:
-    fields = cfg.model_dump(exclude={"path"})
-    return hashlib.sha256(json.dumps({"base": fields, "corpus": corpus_sha}, sort_keys=True).encode()).hexdigest()
+def _recipe(cfg: BaseModelConfig, moe: MoEConfig, corpus_sha: str) -> str:
+    fields = {"base": cfg.model_dump(exclude={"path"}), "corpus": corpus_sha}
+    if cfg.moe_epochs:  # the MoE layout shapes the saved experts
+        fields["moe"] = moe.model_dump()
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cache_dir: Path | None = None) -> BaseBuildResult:
-    """Pretrain the tiny base into `out` (reused when `out` already holds the same recipe)."""
+def build_base(
+    cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cache_dir: Path | None = None, *, moe: MoEConfig,
+) -> BaseBuildResult:
+    """Pretrain the tiny base and run its MoE stage (layout `moe`) into `out` (reused for the same recipe)."""
     t0 = time.perf_counter()
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +83,7 @@ def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cach
             corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples)
         cache_dir = cache_dir or Path(tmp) / "cache"
         bundle = open_bundle(corpus, cache_dir=cache_dir)  # validated and hashed once
-        recipe = _recipe(cfg, bundle.sha256)
+        recipe = _recipe(cfg, moe, bundle.sha256)
         card = out / CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
             saved = json.loads(card.read_text())
@@ -89,13 +105,24 @@ def build_base(cfg: BaseModelConfig, out: Path, corpus: Path | None = None, cach
         result = train(model, list(model.parameters()), data, processor.collate, lm_loss, spec)
         model.requires_grad_(False).eval()
         heldout = heldout_scores(model, processor, test_rows, train_rows["answer"])
+        shifted = styleshift_split(cfg.seed, "test", STYLESHIFT_ROWS)
+        styleshift = score_styleshift(model, processor, shifted)
 
-    # A crash never leaves a half-saved base behind; a base of an older recipe is replaced whole.
-    with atomic_dir(out) as staging:
-        save_base(model, processor, staging)
-        saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
-                 "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout}
-        (staging / CARD).write_text(json.dumps({**saved, "config": cfg.model_dump()}, indent=2))
+        # A crash never leaves a half-saved base behind; a base of an older recipe is replaced whole.
+        with atomic_dir(out) as staging:
+            save_base(model, processor, staging)  # the dense checkpoint, before its MLPs are upcycled
+            moe_log = None
+            if cfg.moe_epochs:
+                test_data = [processor.encode(r["image"], r["question"], r["answer"]) for r in test_rows]
+                moe_log = run_moe_stage(model, processor, data, test_data, cfg, moe)
+                moe_log["heldout"] = heldout_scores(model, processor, test_rows, train_rows["answer"])
+                moe_log["styleshift"] = score_styleshift(model, processor, shifted)
+                moe_log["config"] = moe.model_dump()
+                save_moe_base(model, staging)
+            saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
+                     "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout,
+                     "styleshift": styleshift, "moe_stage": moe_log}
+            (staging / CARD).write_text(json.dumps({**saved, "config": cfg.model_dump()}, indent=2))
     return BaseBuildResult(**saved, reused=False, train=asdict(result), wall_s=time.perf_counter() - t0)
 
 

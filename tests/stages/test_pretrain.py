@@ -1,4 +1,4 @@
-"""Base pretraining is deterministic for a seed, cached by its recipe, and changes with the seed."""
+"""Base pretraining + MoE stage are deterministic for a seed, cached by their recipe, and change with it."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cmoe.config import tiny_test_config
+from cmoe.config import MoEConfig, tiny_test_config
 from cmoe.data.synth import write_pretrain_corpus
 from cmoe.model.base import weights_sha256
 from cmoe.stages.pretrain import build_base
+
+MOE = tiny_test_config(".").moe
 
 
 @pytest.fixture(scope="module")
@@ -18,22 +20,36 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_pretrain_corpus(tmp_path_factory.mktemp("corpus") / "pretrain", n_train=32, n_test=4)
 
 
+def _build(cfg, out: Path, corpus: Path, moe: MoEConfig = MOE):  # noqa: ANN001, ANN202
+    return build_base(cfg, out, corpus=corpus, cache_dir=out.parent / "cache", moe=moe)
+
+
 def test_same_seed_builds_identical_weights_and_a_second_call_reuses_them(corpus: Path, tmp_path: Path) -> None:
     cfg = tiny_test_config(tmp_path).base
-    first = build_base(cfg, tmp_path / "a", corpus=corpus, cache_dir=tmp_path / "cache")
-    second = build_base(cfg, tmp_path / "b", corpus=corpus, cache_dir=tmp_path / "cache")
+    first = _build(cfg, tmp_path / "a", corpus)
+    second = _build(cfg, tmp_path / "b", corpus)
     assert not first.reused and not second.reused
+    # the hash covers every safetensors file of the folder: the dense checkpoint and the MoE stage's experts
     assert first.weights_sha256 == second.weights_sha256 == weights_sha256(tmp_path / "b")
 
-    again = build_base(cfg, tmp_path / "b", corpus=corpus, cache_dir=tmp_path / "cache")
+    again = _build(cfg, tmp_path / "b", corpus)
     assert again.reused and again.train is None
     assert again.weights_sha256 == second.weights_sha256 == weights_sha256(tmp_path / "b")
+    assert again.moe_stage == second.moe_stage and again.styleshift == second.styleshift
 
 
 def test_a_different_seed_builds_different_weights(corpus: Path, tmp_path: Path) -> None:
     cfg = tiny_test_config(tmp_path).base
-    seed0 = build_base(cfg, tmp_path / "seed0", corpus=corpus, cache_dir=tmp_path / "cache")
-    seed1 = build_base(cfg.model_copy(update={"seed": 1}), tmp_path / "seed1", corpus=corpus, cache_dir=tmp_path / "cache")
+    seed0 = _build(cfg, tmp_path / "seed0", corpus)
+    seed1 = _build(cfg.model_copy(update={"seed": 1}), tmp_path / "seed1", corpus)
     assert not seed1.reused
     assert seed0.recipe_sha256 != seed1.recipe_sha256
     assert seed0.weights_sha256 != seed1.weights_sha256
+
+
+def test_another_moe_layout_is_another_recipe(corpus: Path, tmp_path: Path) -> None:
+    cfg = tiny_test_config(tmp_path).base
+    two = _build(cfg, tmp_path / "base", corpus)
+    three = _build(cfg, tmp_path / "base", corpus, MOE.model_copy(update={"initial_experts": 3}))
+    assert not three.reused and three.recipe_sha256 != two.recipe_sha256
+    assert len(three.moe_stage["utilisation"]["0"]) == 3
