@@ -1,11 +1,15 @@
-"""The synthetic CoIN-like suite `coin-mini`: five small VQA tasks rendered with PIL, in order.
+"""The synthetic CoIN-like suite `coin-mini`: seven small VQA tasks rendered with PIL, in order.
 
 Modelled on CoIN's task mix (classification, attribute naming, counting, OCR, grounding), sized so
-that one task trains in a few minutes on 2 CPU cores. Two design constraints shape it:
+that one task trains in a few minutes on 2 CPU cores. Three design constraints shape it:
 
 * The task locator needs a signal, so tasks differ in image style and instruction wording.
 * Forgetting must be real, so `shape-name` and `color-name` ask different questions about the
   *same kind* of image: naive sequential fine-tuning on one overwrites the other.
+* PGKE must face both of its decisions: `hue-name` is a skill the lineage already has
+  (color-name's, other samples and wording: it should need no new expert), `count-color` one it
+  lacks (counting the shapes of one colour). They come last, and every task draws from its own
+  random stream, so the first five tasks' bundles stay byte-identical.
 
 It also writes `pretrain/`, a captioning corpus over every image style whose descriptions mention
 every attribute the tasks ask about (colour, shape, count, letter, region): the frozen base must
@@ -79,6 +83,7 @@ class Scene:
     shapes: list[tuple[str, str]]  # (color, shape) per drawn object
     letter: str | None = None
     region: str | None = None
+    target: str | None = None  # the value a question is about ("{target}" in its wording), e.g. a colour
 
 
 def plain_scene(rng: random.Random) -> Scene:
@@ -91,6 +96,14 @@ def plain_scene(rng: random.Random) -> Scene:
     return Scene("plain", img, [(color, shape)])
 
 
+def _draw_in_cell(rng: random.Random, draw: ImageDraw.ImageDraw, cell: int, color: str, shape: str) -> None:
+    """A small shape in cell `cell` of a 3x3 grid over the image."""
+    r = rng.uniform(6, 8)
+    cx = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
+    cy = (cell // 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
+    _draw_shape(draw, shape, cx, cy, r, _jitter(rng, COLORS[color]))
+
+
 def multi_scene(rng: random.Random) -> Scene:
     """One to four small shapes on a beige background, placed in distinct cells of a 3x3 grid."""
     img = _background(rng, (236, 228, 210))
@@ -99,12 +112,24 @@ def multi_scene(rng: random.Random) -> Scene:
     draw, shapes = ImageDraw.Draw(img), []
     for cell in cells:
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        r = rng.uniform(6, 8)
-        cx = (cell % 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
-        cy = (cell // 3 + 0.5) * SIZE / 3 + rng.uniform(-2, 2)
-        _draw_shape(draw, shape, cx, cy, r, _jitter(rng, COLORS[color]))
+        _draw_in_cell(rng, draw, cell, color, shape)
         shapes.append((color, shape))
     return Scene("multi", img, shapes)
+
+
+def color_count_scene(rng: random.Random) -> Scene:
+    """A multi scene with one to four shapes of a target colour among up to two of other colours."""
+    img = _background(rng, (236, 228, 210))
+    target = rng.choice(list(COLORS))
+    others = [c for c in COLORS if c != target]
+    colors = [target] * rng.randint(1, len(COUNT_WORDS)) + [rng.choice(others) for _ in range(rng.randint(0, 2))]
+    rng.shuffle(colors)
+    draw, shapes = ImageDraw.Draw(img), []
+    for cell, color in zip(rng.sample(range(9), len(colors)), colors):
+        shape = rng.choice(SHAPES)
+        _draw_in_cell(rng, draw, cell, color, shape)
+        shapes.append((color, shape))
+    return Scene("multi", img, shapes, target=target)
 
 
 _FONT_CACHE: dict[int, ImageFont.FreeTypeFont] = {}
@@ -147,7 +172,7 @@ class TaskDef:
     description: str
     metric: str
     scene: Callable[[random.Random], Scene]
-    questions: tuple[str, ...]  # paraphrases; one is drawn per example
+    questions: tuple[str, ...]  # paraphrases; one is drawn per example; "{target}" = the scene's target
     answer: Callable[[Scene], str]
     extra_answers: Callable[[Scene], list[str]] = lambda s: []
     # Wordings no bundle ever uses: to measure how the task locator copes with re-worded questions
@@ -158,6 +183,10 @@ class TaskDef:
 def _count_digits(s: Scene) -> list[str]:
     n = len(s.shapes)
     return [COUNT_WORDS[n - 1], str(n)]
+
+
+def _target_count(s: Scene) -> int:
+    return sum(color == s.target for color, _ in s.shapes)
 
 
 COIN_MINI: tuple[TaskDef, ...] = (
@@ -193,6 +222,25 @@ COIN_MINI: tuple[TaskDef, ...] = (
         ("In which corner is the shape?", "Where is the object located?", "Which quadrant contains the figure?"),
         lambda s: s.region,
         unseen_questions=("Where is the shape?", "In which quadrant is the object?", "Which corner holds the figure?"),
+    ),
+    # A task the lineage already knows: color-name's skill on other samples, in other words. PGKE
+    # should learn it without new experts (its router and locator VAE only).
+    TaskDef(
+        "hue-name", "Name the hue of the figure: color-name's skill again, other samples and wording.",
+        "exact_match", plain_scene,
+        ("Which hue does this figure have?", "Name the hue of the object.", "What hue is painted here?"),
+        lambda s: s.shapes[0][0],
+        unseen_questions=("What is the hue?", "Which hue is shown?", "Say the hue of the shape."),
+    ),
+    # A task that needs a new skill: counting only the shapes of one colour (no pretraining caption
+    # or earlier task ties colour to count in a scene of several shapes).
+    TaskDef(
+        "count-color", "Count the shapes of one colour among others (compositional counting).", "exact_match",
+        color_count_scene,
+        ("Tally the {target} ones.", "What number of {target} items do you spot?", "{target} pieces: how many?"),
+        lambda s: COUNT_WORDS[_target_count(s) - 1], lambda s: [COUNT_WORDS[_target_count(s) - 1], str(_target_count(s))],
+        # fixed colours: the locator benchmark only routes these wordings, it does not score answers
+        unseen_questions=("How many red things?", "Number of blue objects?", "Count every green one."),
     ),
 )
 
@@ -256,7 +304,7 @@ def _task_records(task: TaskDef, rng: random.Random, n: int) -> list[Record]:
         s = task.scene(rng)
         ans = task.answer(s)
         extra = task.extra_answers(s)
-        out.append(Record(s.image, rng.choice(task.questions), ans, extra))
+        out.append(Record(s.image, rng.choice(task.questions).format(target=s.target), ans, extra))
     return out
 
 
