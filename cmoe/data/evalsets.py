@@ -112,7 +112,9 @@ def keep_eval_set(bundle: ValidatedBundle, store: str, *, cache_dir: Path, keep:
     """Write `bundle`'s evaluation set into the store (once: same content, same file); its reference."""
     table = _table(bundle, cache_dir=cache_dir, keep=keep, seed=seed)
     buf = io.BytesIO()
-    pq.write_table(table, buf)  # same rows, same pyarrow: same bytes, so re-keeping is a no-op
+    # Uncompressed: images are compressed already, and the bytes stay greppable (a scan for
+    # training images finds them if they ever were kept). Same rows, same bytes: re-keeping is a no-op.
+    pq.write_table(table, buf, compression="none")
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     name = sha + SUFFIX
