@@ -5,6 +5,9 @@ The inbox is a local folder or an `s3://bucket/prefix/`; a bundle counts as comp
 registered version, whatever the decision, or a rejected plan). Bundles are handled strictly one
 at a time, oldest first: each task builds on the champion the previous one left, so the lineage is
 sequential (the deployments in `prefect.yaml` also cap each flow at one concurrent run).
+
+The inbox is the user's: once a bundle's version is decided the watcher leaves it there, moves it
+into `<inbox>/.processed/` or deletes it, as `data.after_decision` says (default: leave it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cmoe.config import load_config
 from cmoe.data.bundle import bundle_sha256
-from cmoe.data.storage import BundleRef, fetch_bundle, list_bundles
+from cmoe.data.storage import BundleRef, fetch_bundle, list_bundles, put_aside
 from cmoe.registry import Registry
 from flows.continual import TaskOutcome, continual_task
 
@@ -39,7 +42,11 @@ def watch_inbox(config_path: str | None = None, inbox: str | None = None) -> lis
     for ref in refs:
         state = continual_task(ref.uri, config_path, return_state=True)
         if state.is_completed():
-            outcomes.append(state.result())
+            outcome = state.result()
+            outcomes.append(outcome)
+            if outcome.decision != "pending_review":  # decided: the inbox copy is the user's to keep or not
+                if moved := put_aside(ref.uri, inbox, cfg.data.after_decision):
+                    get_run_logger().info("%s moved to %s (data.after_decision)", ref.name, moved)
         else:
             failed.append(f"{ref.name}: {state.message}")
     if failed:

@@ -21,7 +21,7 @@ COMMANDS = {
     "predict": ["predict", "--image", "{config}", "--question", "what?"],
     "probe": ["probe", "bundle", "--out", "out"],
     "expand": ["expand", "bundle", "--plan", "probe.json", "--out", "out"],
-    "evaluate": ["evaluate", "state", "--tasks", "bundle", "--out", "out"],
+    "evaluate": ["evaluate", "state", "--out", "out"],
     "bench": ["bench", "--suite", "coin-mini", "--out", "out"],
     "base build": ["base", "build"],
     "doctor": ["doctor"],

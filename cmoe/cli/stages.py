@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cmoe.cli.common import ConfigOpt, console, error, load
+from cmoe.cli.common import ConfigOpt, console, error, fail, load
 
 ParentOpt = Annotated[Path | None, typer.Option("--parent", help="CMoE state to build on (default: the base).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
@@ -19,35 +19,69 @@ def _print(result: object) -> None:
     console.print_json(json.dumps(asdict(result), default=str))
 
 
+def _open(cfg, uri: str):  # noqa: ANN001, ANN202 - CmoeConfig -> ValidatedBundle (imports kept lazy)
+    """The bundle validated once, or a clean error listing its problems."""
+    from cmoe.data.bundle import BundleError
+    from cmoe.data.validate import open_bundle
+
+    try:
+        return open_bundle(uri, cache_dir=cfg.home / "cache")
+    except BundleError as err:
+        raise fail(err) from None
+
+
 def probe(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3://).")],
           out: OutOpt, parent: ParentOpt = None, config: ConfigOpt = None) -> None:
     """PGKE: train probe experts briefly and write the per-layer expansion plan."""
     cfg = load(config)  # before the stages' imports: a bad config fails in a moment, not after torch loads
+    from cmoe.data.guard import RehearsalError
+    from cmoe.stages.common import StageError
     from cmoe.stages.probe import run_probe
 
-    _print(run_probe(cfg, bundle, parent, out))
+    opened = _open(cfg, bundle)
+    try:
+        _print(run_probe(cfg, opened, parent, out))
+    except (RehearsalError, StageError) as err:
+        raise fail(err) from None
 
 
 def expand(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3://).")],
            plan: Annotated[Path, typer.Option("--plan", help="probe.json written by `cmoe probe`.")],
            out: OutOpt, parent: ParentOpt = None, config: ConfigOpt = None) -> None:
-    """Grow the planned experts, train them + the task router with DeepSpeed, fit the locator."""
+    """Grow the planned experts, train them + the task router with DeepSpeed, fit the locator; the new
+    state references the task's evaluation set, kept in `data.eval_store` (what `cmoe evaluate` reads)."""
     cfg = load(config)
+    from cmoe.data.evalsets import keep_eval_set, store_location
+    from cmoe.data.guard import RehearsalError
+    from cmoe.stages.common import StageError
     from cmoe.stages.expand import run_expand
     from cmoe.stages.probe import ProbeReport
 
     report = ProbeReport(**json.loads(plan.read_text()))
-    _print(run_expand(cfg, bundle, parent, report, out))
+    opened = _open(cfg, bundle)
+    kept = keep_eval_set(opened, store_location(cfg.data.eval_store, cfg.home), cache_dir=cfg.home / "cache",
+                         keep=cfg.data.eval_keep, seed=cfg.data.eval_seed)
+    try:
+        _print(run_expand(cfg, opened, parent, report, out, eval_set=kept))
+    except (RehearsalError, StageError) as err:
+        raise fail(err) from None
 
 
 def evaluate(state: Annotated[Path, typer.Argument(help="CMoE state directory.")],
-             tasks: Annotated[str, typer.Option("--tasks", help="Bundles of every task so far, in order, comma-separated.")],
              out: OutOpt, config: ConfigOpt = None) -> None:
-    """Re-test every task (locator and oracle routing); accuracy row, locator accuracy, params."""
+    """Re-test every task the state learned on its kept evaluation set (locator and oracle routing).
+
+    Only the final accuracy row is known here (no earlier rows): Avg is its mean; BWT needs the
+    lineage's history and is reported by the flow (`cmoe review show`)."""
     cfg = load(config)
+    from cmoe.data.evalsets import EvalSetError
+    from cmoe.stages.common import StageError
     from cmoe.stages.evaluate import run_evaluate
 
-    _print(run_evaluate(cfg, state, tasks.split(","), out, []))
+    try:
+        _print(run_evaluate(cfg, state, out, []))
+    except (EvalSetError, StageError) as err:
+        raise fail(err) from None
 
 
 def bench(
@@ -57,12 +91,19 @@ def bench(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods.")] = "cmoe,naive-expand,single-router,seq-ft,joint",
     base: Annotated[Path | None, typer.Option("--base", help="Base checkpoint (default: build/reuse the tiny base).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic suite.")] = 0,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="Training seeds (expand.seed), comma-separated, e.g. 0,1,2: mean and range per method.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train the task sequence with each method and write results.json, results.md and plots."""
     if (suite is None) == (tasks is None):
         error("give exactly one of --suite or --tasks")
         raise typer.Exit(2)
+    try:
+        seed_list = None if seeds is None else [int(x) for x in seeds.split(",")]
+    except ValueError:
+        error(f"--seeds {seeds!r}: give comma-separated integers, e.g. 0,1,2")
+        raise typer.Exit(2) from None
     cfg = load(config)
     from cmoe.data.synth import synth_suite
     from cmoe.stages.bench import bundles_in, run_bench
@@ -80,6 +121,6 @@ def bench(
         bundles = bundles_in(folder)
     else:
         bundles = tasks.split(",")
-    run_bench(cfg, bundles, [m.strip() for m in methods.split(",")], out)
+    run_bench(cfg, bundles, [m.strip() for m in methods.split(",")], out, seeds=seed_list)
     console.print((out / "results.md").read_text())
     console.print(f"wrote {out / 'results.json'}")

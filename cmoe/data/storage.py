@@ -228,3 +228,39 @@ def upload_bundle(local: Path, s3_uri: str) -> str:
         for rel in ordered:
             client.upload_file(str(local / rel), loc.bucket, loc.prefix + rel)
     return loc.uri
+
+
+PROCESSED_DIR = ".processed"  # inside an inbox: where decided bundles are moved (dot: the watcher skips it)
+
+
+def put_aside(uri: str, inbox: str, action: str) -> str | None:
+    """Move a decided bundle out of the inbox into `<inbox>/.processed/` ("move") or delete it
+    ("delete"); "keep" leaves it. Returns where it went (None when kept or deleted).
+
+    task.yaml goes first in either case, so a half-finished move or delete is an incomplete bundle
+    that nobody reads, never a damaged complete one.
+    """
+    if action == "keep":
+        return None
+    name = posixpath.basename(str(uri).rstrip("/"))
+    if not is_s3(uri):
+        src = Path(uri)
+        if action == "delete":
+            (src / TASK_FILE).unlink(missing_ok=True)
+            shutil.rmtree(src)
+            return None
+        dest = Path(inbox) / PROCESSED_DIR / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src, dest)  # one atomic rename on the same file system
+        return str(dest)
+    loc, client = S3Prefix.parse(str(uri)), s3_client()
+    dest = S3Prefix.parse(f"{S3Prefix.parse(inbox).uri}{PROCESSED_DIR}/{name}-{datetime.now(UTC):%Y%m%dT%H%M%S%f}/")
+    with s3_errors(loc.uri):
+        objects = _list_objects(client, loc)
+        ordered = [rel for rel in objects if rel == TASK_FILE] + [rel for rel in objects if rel != TASK_FILE]
+        for rel in ordered:
+            if action == "move":
+                client.copy_object(Bucket=dest.bucket, Key=dest.prefix + rel,
+                                   CopySource={"Bucket": loc.bucket, "Key": loc.prefix + rel})
+            client.delete_object(Bucket=loc.bucket, Key=loc.prefix + rel)
+    return dest.uri if action == "move" else None

@@ -33,6 +33,10 @@ from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
 Decision = Literal["approved", "rejected", "pending_review"]
 PlanReview = Literal["pending", "approved", "rejected"]
 CHAMPION, CANDIDATE = "champion", "candidate"
+# Version tags of the data lifecycle (docs/data-lifecycle.md): what each version kept and removed.
+TRAIN_SHA_TAG = "train_sha256"  # the task's train-split hash (the rehearsal guard's key)
+EVAL_SET_TAG = "eval_set"  # JSON of the task's kept evaluation set
+REMOVED_TAG = "retention.removed"  # JSON list of the local copies deleted once it was decided
 _MODEL_CODE = Path(__file__).with_name("model_code.py")  # models-from-code: the wrapper is rebuilt, not unpickled
 _NONE = "none"  # tag value of "no parent version"
 _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
@@ -50,7 +54,7 @@ class VersionInfo:
 
     version: int
     task: str
-    bundle_uri: str  # where the bundle was read from (its test split is re-evaluated by later tasks)
+    bundle_uri: str  # where the bundle was read from (never read again: later tasks use the kept eval set)
     bundle_sha256: str
     parent_version: int | None
     decision: str  # approved / rejected / pending_review
@@ -61,6 +65,21 @@ class VersionInfo:
     gate: dict[str, float]  # the gate's metrics
     run_id: str  # the task arrival's parent run
     tags: dict[str, str]
+
+    @property
+    def train_sha256(self) -> str | None:
+        """Content hash of the task's train split: what the rehearsal guard refuses to learn again."""
+        return self.tags.get(TRAIN_SHA_TAG)
+
+    @property
+    def eval_set(self) -> dict[str, Any] | None:
+        """The task's kept evaluation set (an EvalSetRef as JSON), where the lineage re-tests it."""
+        return json.loads(self.tags[EVAL_SET_TAG]) if EVAL_SET_TAG in self.tags else None
+
+    @property
+    def removed(self) -> list[str] | None:
+        """Local copies of the task's data deleted once it was decided; None while undecided or kept."""
+        return json.loads(self.tags[REMOVED_TAG]) if REMOVED_TAG in self.tags else None
 
 
 @dataclass(frozen=True)
