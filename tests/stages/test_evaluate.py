@@ -21,7 +21,7 @@ EARLIER = 50.0  # a made-up accuracy of task 1 right after it was learned
 def report(lineage: Lineage, tmp_path_factory: pytest.TempPathFactory) -> EvalReport:
     """The two-task state evaluated on both tasks, with task 1's earlier row as history."""
     history = [{lineage.names[0]: EARLIER}]
-    return run_evaluate(lineage.cfg, lineage.state(1), lineage.bundles, tmp_path_factory.mktemp("eval"), history)
+    return run_evaluate(lineage.cfg, lineage.state(1), tmp_path_factory.mktemp("eval"), history)
 
 
 def test_every_task_so_far_gets_an_accuracy_with_locator_and_oracle_routing(report: EvalReport, lineage: Lineage) -> None:
@@ -57,7 +57,3 @@ def test_report_json_and_heatmap_are_written(report: EvalReport) -> None:
     assert json.loads(Path(report.report_json).read_text()) == json.loads(json.dumps(asdict(report)))
     assert Path(report.heatmap_png).read_bytes()[:8] == PNG_MAGIC
 
-
-def test_a_bundle_of_a_task_the_state_never_learned_is_refused(lineage: Lineage, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=f"task '{lineage.names[1]}' was never learned by this state"):
-        run_evaluate(lineage.cfg, lineage.state(0), lineage.bundles, tmp_path / "eval", [])
