@@ -15,11 +15,13 @@ import json
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
+from uuid import uuid4
 
 import mlflow
 from mlflow import MlflowClient
@@ -40,6 +42,9 @@ REMOVED_TAG = "retention.removed"  # JSON list of the local copies deleted once 
 _MODEL_CODE = Path(__file__).with_name("model_code.py")  # models-from-code: the wrapper is rebuilt, not unpickled
 _NONE = "none"  # tag value of "no parent version"
 _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
+# Run params holding a decision, written once: MLflow's database refuses to change a param, so the
+# first answer to claim one is the decision (a second claim fails, atomically).
+_DECISION_PARAM, _PLAN_PARAM = "cmoe.decision", "cmoe.plan_decision"
 # Exactly what the wrapper imports; listing them skips MLflow's ~20 s requirement inference.
 _REQUIREMENTS = ("cmoe", "mlflow", "torch", "transformers", "safetensors", "pillow", "pandas")
 
@@ -89,6 +94,15 @@ class Champion:
     version: int
     state_dir: Path
     acc: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One recorded answer: what was decided, by whom, why."""
+
+    decision: str
+    by: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -211,6 +225,21 @@ class Registry:
         """Record that a task arrival's expansion plan awaits review, or how it was decided."""
         self.tag_run(run_id, {"plan_review": state, "plan_decided_by": by, "plan_reason": reason[:_MAX_TAG]})
 
+    def decide_plan(self, run_id: str, decision: Literal["approved", "rejected"], by: str, reason: str) -> Verdict:
+        """Record the one answer on a task arrival's expansion plan; a later one is refused, naming the first."""
+        verdict = Verdict(decision, by, reason[:_MAX_TAG])
+        self._claim(run_id, _PLAN_PARAM, verdict, "its expansion plan")
+        self.set_plan_review(run_id, decision, by, reason)
+        return verdict
+
+    def plan_decision(self, run_id: str) -> Verdict | None:
+        """The answer recorded on a task arrival's plan (its tags completed if a crash cut them short), or None."""
+        run = self.client.get_run(run_id)
+        verdict = _verdict(run.data.params.get(_PLAN_PARAM))
+        if verdict is not None and run.data.tags.get("plan_review") != verdict.decision:
+            self.set_plan_review(run_id, verdict.decision, verdict.by, verdict.reason)
+        return verdict
+
     def tag_run(self, run_id: str, tags: dict[str, str]) -> None:
         """Add or overwrite tags of a run."""
         for key, value in tags.items():
@@ -314,10 +343,12 @@ class Registry:
         return chain[::-1]
 
     def check_decision(self, version: int, decision: Decision) -> VersionInfo:
-        """The version, if `decision` may be taken on it now; RegistryError saying why not otherwise."""
+        """The version, if `decision` may be taken on it now; RegistryError saying why not (and who decided) otherwise."""
         info = self.version(version)
-        if info.decision != "pending_review":
-            raise RegistryError(f"version {version} is already {info.decision} (by {info.decided_by}: {info.reason})")
+        first = (Verdict(info.decision, info.decided_by, info.reason) if info.decision != "pending_review"
+                 else self._claimed(info.run_id, _DECISION_PARAM))
+        if first is not None:
+            raise _already(f"version {version}", first)
         champion = self.aliases().get(CHAMPION)
         if decision == "approved" and info.parent_version != champion:
             # Approving it would silently drop what the current champion learned after its parent.
@@ -326,18 +357,52 @@ class Registry:
         return info
 
     def decide_version(self, version: int, decision: Decision, by: str, reason: str) -> VersionInfo:
-        """Record a decision on a pending version; `approved` moves `champion` to it, `rejected` does not."""
+        """Record the one decision on a pending version; `approved` moves `champion` to it, `rejected` does not.
+
+        The first answer claims the decision atomically; every later one (the same answer again too)
+        is refused with a RegistryError naming who decided what.
+        """
         info = self.check_decision(version, decision)
-        tags = {"decision": decision, "decided_by": by, "reason": reason[:_MAX_TAG]}
+        verdict = Verdict(decision, by, reason[:_MAX_TAG])
+        self._claim(info.run_id, _DECISION_PARAM, verdict, f"version {version}")
+        return self._record(info, verdict)
+
+    def recorded_decision(self, version: int) -> VersionInfo | None:
+        """The version once a decision on it is recorded (finishing one a crash cut short); None while pending."""
+        info = self.version(version)
+        if info.decision != "pending_review":
+            return info
+        verdict = self._claimed(info.run_id, _DECISION_PARAM)
+        return None if verdict is None else self._record(info, verdict)
+
+    def _record(self, info: VersionInfo, verdict: Verdict) -> VersionInfo:
+        """Write a claimed decision into tags and aliases; the `decision` tag last, so a version that
+        reads as decided is completely so (until then `recorded_decision` can finish it)."""
+        version, tags = str(info.version), {"decided_by": verdict.by, "reason": verdict.reason}
         for key, value in tags.items():
-            self.client.set_model_version_tag(self.model_name, str(version), key, value)
-            if info.run_id:
-                self.client.set_tag(info.run_id, key, value)
-        if decision == "approved":
-            self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
-        if self.aliases().get(CANDIDATE) == version:
-            self.client.delete_registered_model_alias(self.model_name, CANDIDATE)
-        return self.version(version)
+            _rewrite(self.client.set_model_version_tag, self.model_name, version, key, value)
+        for key, value in {**tags, "decision": verdict.decision}.items():
+            _rewrite(self.client.set_tag, info.run_id, key, value)
+        if verdict.decision == "approved":
+            _rewrite(self.client.set_registered_model_alias, self.model_name, CHAMPION, version)
+        if self.aliases().get(CANDIDATE) == info.version:
+            self.client.delete_registered_model_alias(self.model_name, CANDIDATE)  # a no-op when already gone
+        _rewrite(self.client.set_model_version_tag, self.model_name, version, "decision", verdict.decision)
+        return self.version(info.version)
+
+    def _claim(self, run_id: str, key: str, verdict: Verdict, what: str) -> None:
+        """Write `verdict` as the run's write-once param `key`; RegistryError naming the answer that was first."""
+        value = json.dumps({**asdict(verdict), "claim": uuid4().hex})  # unique: a repeated answer is a second one
+        try:
+            self.client.log_param(run_id, key, value)
+        except MlflowException as err:
+            if (first := self._claimed(run_id, key)) is None:
+                raise RegistryError(f"{what}: the decision could not be recorded ({err.message})") from None
+            raise _already(what, first) from None
+
+    def _claimed(self, run_id: str, key: str) -> Verdict | None:
+        """The answer claimed under the run's param `key`, if any."""
+        return _verdict(self.client.get_run(run_id).data.params.get(key))
 
     def rollback(self, version: int) -> int | None:
         """Move `champion` back to an earlier approved version; returns the version it left."""
@@ -382,6 +447,29 @@ class Registry:
                 shutil.rmtree(tmp, ignore_errors=True)
         artifacts = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
         return model_dir / artifacts[STATE_ARTIFACT]["path"]
+
+
+def _verdict(param: str | None) -> Verdict | None:
+    """A claimed answer read back from its run param."""
+    if param is None:
+        return None
+    data = json.loads(param)
+    return Verdict(data["decision"], data["by"], data["reason"])
+
+
+def _rewrite(write: Callable[..., Any], *args: str) -> None:
+    """Write what another process may be writing at the same moment (both finishing one claimed
+    decision, with the same values): MLflow's insert-or-update can then clash on the row the other
+    inserted, and a second try updates it."""
+    try:
+        write(*args)
+    except MlflowException:
+        write(*args)
+
+
+def _already(what: str, first: Verdict) -> RegistryError:
+    """The refusal of an answer that came second: who decided what, and why."""
+    return RegistryError(f"{what} is already {first.decision} (by {first.by}: {first.reason})")
 
 
 def _numbers(tags: dict[str, str], prefix: str) -> dict[str, float]:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 import pytest
 from PIL import Image
 from safetensors.torch import save_file
 import torch
 
 from cmoe.config import CmoeConfig
-from cmoe.registry import CANDIDATE, CHAMPION, Registry, RegistryError
+from cmoe.registry import CANDIDATE, CHAMPION, Registry, RegistryError, Verdict
 
 
 def fake_state(root: Path, tasks: list[str]) -> Path:
@@ -136,3 +139,79 @@ def test_predict_through_the_registry_decodes_as_the_callers_config_says(
     caller = Registry(CmoeConfig(home=home, eval={"max_new_tokens": 3, "batch_size": 2}))
     caller.predict("models:/cmoe@champion", [str(png)], ["what color?"])
     assert seen["eval"] == {"max_new_tokens": 3, "batch_size": 2}
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Registry:
+    """A registry of its own (no champion yet), for tests of one version's decision."""
+    return Registry(CmoeConfig(home=tmp_path / "home"))
+
+
+def test_the_first_answer_decides_and_every_later_one_is_refused_naming_it(fresh: Registry, tmp_path: Path) -> None:
+    version = register(fresh, tmp_path, "color", None, {"color": 90.0})
+    assert fresh.recorded_decision(version) is None
+    fresh.decide_version(version, "rejected", "ann", "forgets")
+    for decision, by in (("approved", "bob"), ("rejected", "ann")):  # another answer, or the same one again
+        with pytest.raises(RegistryError, match=r"version 1 is already rejected \(by ann: forgets\)"):
+            fresh.decide_version(version, decision, by, "late")
+    info = fresh.recorded_decision(version)
+    assert info is not None and (info.decision, info.decided_by, info.reason) == ("rejected", "ann", "forgets")
+
+
+def test_answers_racing_for_one_version_record_exactly_one(fresh: Registry, tmp_path: Path) -> None:
+    """Four answers at once, while two waiting runs look for the decision (and finish writing it)."""
+    version = register(fresh, tmp_path, "color", None, {"color": 90.0})
+    names = ["ann", "bob", "cid", "dee"]
+    start = threading.Barrier(len(names) + 2)
+
+    def answer(by: str) -> str:
+        start.wait()
+        try:
+            fresh.decide_version(version, "rejected", by, f"{by} was here")
+        except RegistryError as refused:
+            return str(refused)
+        return "recorded"
+
+    def wait_for_decision() -> str:
+        start.wait()
+        while (info := fresh.recorded_decision(version)) is None:
+            pass
+        return info.decided_by
+
+    with ThreadPoolExecutor(len(names) + 2) as pool:
+        waiters = [pool.submit(wait_for_decision) for _ in range(2)]
+        answers = dict(zip(names, pool.map(answer, names)))
+        seen = [w.result() for w in waiters]
+    winner = fresh.version(version).decided_by
+    assert answers[winner] == "recorded" and seen == [winner, winner]
+    assert all(answers[by] == f"version 1 is already rejected (by {winner}: {winner} was here)"
+               for by in names if by != winner)
+
+
+def test_a_decision_cut_short_by_a_crash_stands_and_is_finished(fresh: Registry, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    version = register(fresh, tmp_path, "color", None, {"color": 90.0})
+
+    def unreachable(*args: object) -> None:
+        raise MlflowException("registry unreachable")
+
+    monkeypatch.setattr(fresh.client, "set_registered_model_alias", unreachable)  # dies before `champion` moves
+    with pytest.raises(MlflowException):
+        fresh.decide_version(version, "approved", "ann", "looks good")
+    monkeypatch.undo()
+    assert fresh.version(version).decision == "pending_review" and fresh.champion() is None
+    with pytest.raises(RegistryError, match=r"already approved \(by ann: looks good\)"):
+        fresh.decide_version(version, "rejected", "bob", "too late")
+    info = fresh.recorded_decision(version)  # what a waiting run (or the next one) does: finish it
+    assert info is not None and (info.decision, info.decided_by) == ("approved", "ann")
+    assert fresh.aliases() == {CHAMPION: version}
+
+
+def test_an_expansion_plan_is_decided_once(fresh: Registry) -> None:
+    run = fresh.start_task_run("key-plan", "plan", "sha-plan", None, {})
+    fresh.set_plan_review(run, "pending")
+    assert [p.run_id for p in fresh.pending_plans()] == [run] and fresh.plan_decision(run) is None
+    assert fresh.decide_plan(run, "approved", "ann", "small") == Verdict("approved", "ann", "small")
+    with pytest.raises(RegistryError, match=r"its expansion plan is already approved \(by ann: small\)"):
+        fresh.decide_plan(run, "rejected", "bob", "too big")
+    assert fresh.plan_decision(run) == Verdict("approved", "ann", "small") and fresh.pending_plans() == []
