@@ -19,12 +19,15 @@ from statistics import mean
 import torch
 
 from cmoe.config import CmoeConfig
-from cmoe.data.loading import read_task_spec
+from cmoe.data.evalsets import eval_set_of
+from cmoe.data.guard import training_scope
+from cmoe.data.loading import load_split
 from cmoe.data.synth import SUITES
+from cmoe.data.validate import open_bundle
 from cmoe.model.cmoe_layer import cmoe_info
 from cmoe.model.inference import device_of
 from cmoe.model.locator import TaskLocator, locator_features
-from cmoe.stages.common import TaskData, load_task, open_lineage
+from cmoe.stages.common import TaskData, encode_rows, open_lineage
 from cmoe.stages.expand import fit_locator
 
 
@@ -52,9 +55,18 @@ def main() -> None:
     model, processor = open_lineage(cfg, args.state)
     unseen = {t.name: t.unseen_questions for t in SUITES["coin-mini"]}
     tasks = cmoe_info(model).tasks
-    bundles = {read_task_spec(str(p)).name: p for p in args.suite.iterdir() if (p / "task.yaml").is_file()}
-    train: dict[str, TaskData] = {t: load_task(str(bundles[t]), "train", processor, cfg, with_answers=True) for t in tasks}
-    test: dict[str, TaskData] = {t: load_task(str(bundles[t]), "test", processor, cfg, with_answers=False) for t in tasks}
+    cache = cfg.home / "cache"
+    opened = [open_bundle(p, cache_dir=cache) for p in sorted(args.suite.iterdir()) if (p / "task.yaml").is_file()]
+    bundles = {b.name: b for b in opened}
+    train: dict[str, TaskData] = {}
+    for t in tasks:
+        # A measurement, not a lineage: it refits every task's VAE, so it reads each train split again
+        # on purpose, in that bundle's own scope.
+        with training_scope(bundles[t], {}):
+            train[t] = encode_rows(bundles[t].spec, load_split(bundles[t], "train", cache_dir=cache), processor,
+                                   with_answers=True)
+    test: dict[str, TaskData] = {t: encode_rows(bundles[t].spec, eval_set_of(bundles[t], cache_dir=cache).rows,
+                                                processor, with_answers=False) for t in tasks}
 
     print(f"re-worded: mean over seeds {args.seeds} [min-max]; per task: mean")
     print(f"{'dropout:copies':>15} | {'as asked':>8} | {'re-worded':>17} | " + " | ".join(f"{t:>12}" for t in tasks))
