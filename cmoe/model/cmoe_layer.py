@@ -25,6 +25,14 @@ Design decisions (in brackets: the numbered choices of docs/method.md):
 - **Probe experts** [2]: one temporary expert per layer, scored by the current router through an
   extra last column. Attaching snapshots the router; dropping restores the snapshot exactly;
   promoting keeps the trained probe and router as the warm start of a real expert [5].
+- **Retiring a task** (`retire_task`, the "forget this task's data" request): its router, its
+  locator VAE and its record go; of the experts it added, those no other router selects are
+  removed (with their rows of the later routers; older routers never covered them) and the rest
+  stay, frozen, re-assigned to the *next* task, whose router selects them. Their positions then
+  sit right before that task's own experts, so a saved state replays in task order unchanged.
+  What "selects" means is measured by the caller (`cmoe.stages.retire`). Every other router keeps
+  its experts, so the remaining tasks route as before. A single-router model cannot retire a task
+  (its one router learned them all).
 - **Aux loss**: `E * sum_e mean_prob_e * top1_fraction_e` (MoE-LLaVA / DeepSpeed), computed per
   task present in the batch over that task's tokens and weighted by its token share, so it only
   pushes on the router that is training [7]. Under `balance_scope` (training) padding tokens do
@@ -343,6 +351,35 @@ class CMoELayer(nn.Module):
             tokens=tokens,
         )
 
+    # ---------------------------------------------------------------- retirement
+    def retire(self, t: int, task: str, drop: set[int], heir: str | None) -> None:
+        """Remove router `t` (of `task`) and `task`'s experts in `drop` (their rows of every router too);
+        `task`'s other experts stay, frozen, as experts of `heir`."""
+        ours = self.check_retire(task, drop, heir)
+        routers = []
+        for u, w in enumerate(self.routers):
+            if u == t:
+                continue
+            rows = [r for r in range(w.shape[0]) if r not in drop]
+            routers.append(w if len(rows) == w.shape[0] else nn.Parameter(w.detach()[rows], requires_grad=w.requires_grad))
+        self.routers = nn.ParameterList(routers)
+        for e in ours - drop:
+            self.experts[e].requires_grad_(False)
+        self.experts = nn.ModuleList(x for e, x in enumerate(self.experts) if e not in drop)
+        self.expert_origin = [heir if o == task else o for e, o in enumerate(self.expert_origin) if e not in drop]
+        self.stats = None  # counts were sized for the experts before
+
+    def check_retire(self, task: str, drop: set[int], heir: str | None) -> set[int]:
+        """`task`'s experts in this layer, once it is sure `retire` can drop `drop` and hand the rest to `heir`."""
+        self._no_probe("retire a task")
+        ours = {e for e, origin in enumerate(self.expert_origin) if origin == task}
+        if not drop <= ours:
+            raise ValueError(f"CMoE layer {self.layer_index}: experts {sorted(drop - ours)} are not task {task!r}'s")
+        if ours - drop and heir is None:
+            raise ValueError(f"CMoE layer {self.layer_index}: experts {sorted(ours - drop)} of task {task!r} "
+                             "would be kept, but no later task's router covers them")
+        return ours
+
     def _no_probe(self, what: str) -> None:
         if self.probe is not None:
             raise RuntimeError(f"CMoE layer {self.layer_index}: cannot {what} while a probe is attached")
@@ -438,6 +475,42 @@ def add_task(model: nn.Module, name: str) -> int:
 def add_expert(model: nn.Module, layer: int, init: ExpertInit = "copy", source: int = 0) -> int:
     """Give CMoE layer `layer` a new expert owned by the current task; returns the expert's index."""
     return _layer(model, layer).add_expert(cmoe_info(model).current_task, init, source)
+
+
+def retirable(model: nn.Module, task: str) -> int:
+    """The index of `task`, if the model can retire it; ValueError saying why not otherwise."""
+    info = cmoe_info(model)
+    if info.single_router:
+        raise ValueError("a single-router model cannot retire a task: its one router learned every task")
+    if task not in info.tasks:
+        raise ValueError(f"task {task!r} is not in this model (tasks: {info.tasks})")
+    if len(info.tasks) == 1:
+        raise ValueError(f"task {task!r} is the model's only task: retiring it would leave no task")
+    return info.tasks.index(task)
+
+
+def retire_task(model: nn.Module, task: str, drop: set[tuple[int, int]]) -> str | None:
+    """Forget task `task`: its router, locator VAE and record, and its experts `drop` ((layer, expert) pairs).
+
+    Its other experts stay, frozen, owned by the next task (returned; None when `task` is the last
+    one, whose experts must then all be in `drop`). Everything is checked before anything changes.
+    """
+    info = cmoe_info(model)
+    t = retirable(model, task)
+    heir = info.tasks[t + 1] if t + 1 < len(info.tasks) else None
+    layers = cmoe_layers(model)
+    if unknown := sorted(i for i, _ in drop if i not in layers):
+        raise ValueError(f"decoder layers {unknown} are not CMoE layers (CMoE layers: {list(layers)})")
+    per_layer = {i: {e for j, e in drop if j == i} for i in layers}
+    for i, layer in layers.items():  # every layer first: a refusal leaves the model as it was
+        layer.check_retire(task, per_layer[i], heir)
+    for i, layer in layers.items():
+        layer.retire(t, task, per_layer[i], heir)
+    info.tasks.remove(task)
+    info.task_records.pop(task, None)
+    if task in info.locator.vaes:
+        del info.locator.vaes[task]
+    return heir
 
 
 def trainable_parameters(model: nn.Module, task: str | None = None) -> list[nn.Parameter]:
