@@ -37,7 +37,7 @@ def child_env() -> dict[str, str]:
 def test_two_processes_expand_to_the_weights_of_one_and_the_state_loads_in_one(
     tiny_suite: list[Path], tiny_base: Path, tmp_path: Path
 ) -> None:
-    from cmoe.data.loading import read_task_spec
+    from cmoe.data.validate import open_bundle
     from cmoe.model.cmoe_layer import cmoe_layers
     from cmoe.model.state import load_state
     from cmoe.stages import launch
@@ -49,7 +49,8 @@ def test_two_processes_expand_to_the_weights_of_one_and_the_state_loads_in_one(
     assert cfg.moe.aux_loss_coef > 0  # the default loss, load balancing included
     cfg.moe.top_k = 2  # as the default config: with top-1 the gate is always 1 and the router gets no gradient
     cfg.expand.epochs = 4  # >= 4 optimizer steps of global batch 16
-    task = read_task_spec(str(bundle)).name
+    opened = open_bundle(bundle)
+    task = opened.name
     # Grow one expert in each CMoE layer (a copy of expert 0, as a plan without probe warm start does).
     plan = ProbeReport(task=task, bundle_sha256="", tau=0.5, scores={}, plan={"0": 1, "1": 1}, params_to_add=0,
                        est_train_s=0.0, report_json="", chart_png="", probe_file=None)
@@ -67,7 +68,7 @@ def test_two_processes_expand_to_the_weights_of_one_and_the_state_loads_in_one(
     # Two processes: the launcher the flow uses, configured for torchrun --nproc_per_node 2.
     cfg.expand.nproc_per_node = 2
     two = tmp_path / "two"
-    result = launch.expand(cfg, str(bundle), None, plan, two)
+    result = launch.expand(cfg, opened, None, plan, two)
 
     r1 = json.loads((one / "expand.json").read_text())
     assert (r1["train"]["world_size"], result.train["world_size"]) == (1, 2)
@@ -91,10 +92,14 @@ def test_two_processes_expand_to_the_weights_of_one_and_the_state_loads_in_one(
         moved = max((p - q).abs().max().item() for p, q in zip(new.parameters(), source.parameters()))
         assert moved > 1e-3, f"layer {i}: the new expert did not train"  # not trivially equal
     from cmoe.model.routing import route
-    from cmoe.stages.common import load_task, open_lineage
+    from cmoe.data.guard import training_scope
+    from cmoe.data.loading import load_split
+    from cmoe.stages.common import encode_rows, open_lineage
 
     _, processor = open_lineage(cfg, one / "state")
-    data = load_task(bundle, "train", processor, cfg, with_answers=True)
+    with training_scope(opened, {}):
+        data = encode_rows(opened.spec, load_split(opened, "train", cache_dir=cfg.home / "cache"), processor,
+                           with_answers=True)
     # Answers of several token lengths: a per-micro-batch token mean would have made the ranks differ.
     assert len({int((e.labels != -100).sum()) for e in data.encoded}) > 1
     batch = processor.collate(data.encoded[:16])
