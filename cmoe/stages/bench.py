@@ -119,19 +119,53 @@ def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_t
             "params_total": params_total, "params_added": params_added, "wall_s": time.perf_counter() - t0}
 
 
-def run_bench(cfg: CmoeConfig, uris: list[str], methods: list[str], out: Path) -> dict:
-    """Run every method over the bundles at `uris`; write results.json, results.md and plots into `out`."""
+def mean_over_seeds(entries: list[dict]) -> dict:
+    """One method's entries (one per seed) as one: every number the mean, `range` the [min, max] of each
+    summary number (`params_added`: of its sum), `per_seed` the entries themselves."""
+    def mean(values: list) -> float | int | None:
+        if any(v is None for v in values):
+            return None
+        m = sum(values) / len(values)
+        return int(m) if all(isinstance(v, int) for v in values) and m == int(m) else m
+
+    def spread(values: list) -> list | None:
+        return None if any(v is None for v in values) else [min(values), max(values)]
+
+    summaries = [k for k in entries[0] if k not in ("acc_matrix", "params_added")]
+    rows = zip(*(e["acc_matrix"] for e in entries))
+    out = {"acc_matrix": [[mean(list(col)) for col in zip(*row)] for row in rows],
+           **{k: mean([e[k] for e in entries]) for k in summaries},
+           "params_added": [mean(list(col)) for col in zip(*(e["params_added"] for e in entries))]}
+    out["range"] = {**{k: spread([e[k] for e in entries]) for k in summaries},
+                    "params_added": spread([sum(e["params_added"]) for e in entries])}
+    out["per_seed"] = entries
+    return out
+
+
+def run_bench(cfg: CmoeConfig, uris: list[str], methods: list[str], out: Path, seeds: list[int] | None = None) -> dict:
+    """Run every method over the bundles at `uris` once per training seed (`expand.seed`; default: the
+    configured one); write results.json (per method the mean over seeds, their range, each seed's
+    entry), results.md and plots into `out`."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    seeds = list(seeds) if seeds is not None else [cfg.expand.seed]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {seeds}: give one or more distinct seeds")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bundles = [open_bundle(uri, cache_dir=cfg.home / "cache") for uri in uris]  # validated once, for every method
     tasks = [b.name for b in bundles]
-    results: dict = {"tasks": tasks, "methods": {}}
+    results: dict = {"tasks": tasks, "seeds": seeds, "methods": {}}
     for method in methods:
-        work = out / "work" / method
-        entry = run_joint(cfg, bundles, work) if method == "joint" else run_sequence(cfg, method, bundles, work)
+        entries = []
+        for seed in seeds:
+            run_cfg = cfg.model_copy(deep=True)
+            run_cfg.expand.seed = seed  # probe split and init, expansion, locator fit, training order
+            work = out / "work" / method / f"seed-{seed}"
+            entries.append(run_joint(run_cfg, bundles, work) if method == "joint"
+                           else run_sequence(run_cfg, method, bundles, work))
+        entry = mean_over_seeds(entries)
         results["methods"][method] = entry
         plot_matrix(entry["acc_matrix"], tasks, out / f"{method}-accuracy.png")
         # Write after every method: a long benchmark that stops midway still leaves its results.
@@ -149,7 +183,24 @@ def results_markdown(results: dict) -> str:
           f"{m['params_total']:,}", f"{sum(m['params_added']):,}", f"{m['wall_s']:.0f}"] for name, m in methods])
     final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
     return (f"Tasks, in order: {', '.join(results['tasks'])}\n\n{summary.markdown()}\n\n"
-            f"Final accuracy per task (%):\n\n{final.markdown()}\n")
+            f"Final accuracy per task (%):\n\n{final.markdown()}\n" + seeds_markdown(results))
+
+
+def seeds_markdown(results: dict) -> str:
+    """With more than one seed: each summary's range over the seeds (the tables above are means)."""
+    seeds = results.get("seeds", [])
+    if len(seeds) < 2:
+        return ""
+
+    def span(r: list | None, spec: str = ".1f") -> str:
+        return cell(None) if r is None else f"{cell(r[0], spec)} – {cell(r[1], spec)}"
+
+    keys = ("avg_acc", "bwt", "forgetting", "maa", "locator_acc")
+    table = TextTable(["method", "Avg %", "BWT", "Forgetting", "MAA %", "locator %", "params added"],
+                      [[name, *(span(m["range"][k]) for k in keys), span(m["range"]["params_added"], ",.0f")]
+                       for name, m in results["methods"].items()])
+    return (f"\nMeans over seeds {', '.join(map(str, seeds))} (expand.seed); range [min – max] over them:\n\n"
+            f"{table.markdown()}\n")
 
 
 def bundles_in(folder: Path) -> list[str]:

@@ -14,28 +14,35 @@ from cmoe.stages.bench import METHODS, run_bench
 from .conftest import stage_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ENTRY_KEYS = {"acc_matrix", "avg_acc", "bwt", "forgetting", "maa", "locator_acc", "params_total", "params_added",
-              "wall_s"}
+RUN_KEYS = {"acc_matrix", "avg_acc", "bwt", "forgetting", "maa", "locator_acc", "params_total", "params_added",
+            "wall_s"}
+ENTRY_KEYS = RUN_KEYS | {"range", "per_seed"}  # means over seeds, their [min, max], each seed's run
 SEQUENTIAL = ("cmoe", "naive-expand", "single-router", "seq-ft")
 
 
+@pytest.fixture(scope="session")
+def uris(suite: list) -> list[str]:
+    """The tiny suite's bundles as the URIs `cmoe bench` is given."""
+    return [b.uri for b in suite]
+
+
 @pytest.fixture(scope="module")
-def bench(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def bench(uris: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Every method over the two tiny tasks."""
     root = tmp_path_factory.mktemp("bench")
     out = root / "out"
-    return out, run_bench(stage_config(root / "home", base_dir), suite, list(METHODS), out)
+    return out, run_bench(stage_config(root / "home", base_dir), uris, list(METHODS), out)
 
 
-def test_results_json_has_exactly_the_documented_schema(bench: tuple[Path, dict], suite: list[str]) -> None:
+def test_results_json_has_exactly_the_documented_schema(bench: tuple[Path, dict], uris: list[str]) -> None:
     out, returned = bench
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(returned))
-    assert set(results) == {"tasks", "methods"}
-    assert results["tasks"] == [Path(b).name.split("-", 1)[1] for b in suite]
+    assert set(results) == {"tasks", "seeds", "methods"} and results["seeds"] == [0]
+    assert results["tasks"] == [Path(b).name.split("-", 1)[1] for b in uris]
     assert list(results["methods"]) == list(METHODS)
     for name, entry in results["methods"].items():
-        assert set(entry) == ENTRY_KEYS, name
+        assert set(entry) == ENTRY_KEYS and [set(run) for run in entry["per_seed"]] == [RUN_KEYS], name
         assert len(entry["params_added"]) == 2 and entry["params_total"] > 0 and entry["wall_s"] > 0
 
 
@@ -81,14 +88,14 @@ def test_results_md_has_a_row_and_a_heatmap_per_method(bench: tuple[Path, dict])
         assert (out / f"{name}-accuracy.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_an_unknown_method_fails_before_any_work(make_cfg, suite: list[str], tmp_path: Path) -> None:
+def test_an_unknown_method_fails_before_any_work(make_cfg, uris: list[str], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown methods \['ewc'\]; choose from cmoe, naive-expand"):
-        run_bench(make_cfg(), suite, ["cmoe", "ewc"], tmp_path / "out")
+        run_bench(make_cfg(), uris, ["cmoe", "ewc"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_bench_with_one_method_exits_0_and_writes_results(
-    base_dir: Path, suite: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    base_dir: Path, uris: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from cmoe.cli import app
 
@@ -96,7 +103,30 @@ def test_cli_bench_with_one_method_exits_0_and_writes_results(
     config.write_text(yaml.safe_dump(stage_config(tmp_path / "home", base_dir).model_dump(mode="json")))
     monkeypatch.chdir(tmp_path)  # a user's own folder, not the repository
     out = tmp_path / "bench"
-    result = CliRunner().invoke(app, ["bench", "--tasks", ",".join(suite), "--methods", "cmoe", "--out", str(out),
+    result = CliRunner().invoke(app, ["bench", "--tasks", ",".join(uris), "--methods", "cmoe", "--out", str(out),
                                       "--config", str(config)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["cmoe"]
+
+
+def test_two_seeds_report_the_mean_and_range_of_each_summary(make_cfg, uris: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    results = run_bench(make_cfg(), uris, ["seq-ft"], out, seeds=[0, 1])
+    entry = results["methods"]["seq-ft"]
+    runs = entry["per_seed"]
+    assert results["seeds"] == [0, 1] and len(runs) == 2
+    assert [p.name for p in sorted((out / "work" / "seq-ft").iterdir())] == ["seed-0", "seed-1"]
+    avgs = [r["avg_acc"] for r in runs]
+    assert entry["avg_acc"] == pytest.approx(sum(avgs) / 2) and entry["range"]["avg_acc"] == [min(avgs), max(avgs)]
+    assert entry["acc_matrix"][1][0] == pytest.approx((runs[0]["acc_matrix"][1][0] + runs[1]["acc_matrix"][1][0]) / 2)
+    assert entry["acc_matrix"][0][1] is None
+    assert entry["params_added"] == [(a + b) / 2 for a, b in zip(runs[0]["params_added"], runs[1]["params_added"])]
+    md = (out / "results.md").read_text()
+    assert "Means over seeds 0, 1" in md and sum(line.startswith("| seq-ft |") for line in md.splitlines()) == 3
+
+
+def test_cli_bench_refuses_seeds_that_are_not_integers(tmp_path: Path) -> None:
+    from cmoe.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--tasks", "x", "--seeds", "0,one", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "--seeds '0,one': give comma-separated integers" in result.output
