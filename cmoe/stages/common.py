@@ -102,11 +102,12 @@ def record_task(model: nn.Module, bundle: ValidatedBundle, eval_set: EvalSetRef 
     }
 
 
-def kept_eval_sets(cfg: CmoeConfig, model: nn.Module) -> list[EvalSet]:
-    """Every learned task's kept evaluation set, in task order: what re-testing reads (never a bundle)."""
+def kept_eval_sets(cfg: CmoeConfig, model: nn.Module, tasks: list[str] | None = None) -> list[EvalSet]:
+    """Every learned task's kept evaluation set (or those of `tasks`), in task order: what re-testing
+    reads (never a bundle)."""
     info = cmoe_info(model)
     refs = []
-    for task in info.tasks:
+    for task in info.tasks if tasks is None else [t for t in info.tasks if t in tasks]:
         entry = info.task_records.get(task, {}).get("eval_set")
         if entry is None:
             raise StageError(f"task {task!r} has no kept evaluation set in this state: it cannot be re-tested "
