@@ -25,14 +25,18 @@ class GateDecision:
 
 
 def decide(policy: GateConfig, report: EvalReport, champion_acc: dict[str, float] | None,
-           params_added: int) -> GateDecision:
-    """Check the candidate against every threshold; any failure rejects, `require_review` defers."""
-    new_task = report.tasks[-1]
-    new_acc = report.acc[new_task]
-    drops = {t: champion_acc[t] - report.acc[t] for t in report.tasks[:-1] if champion_acc and t in champion_acc}
+           params_added: int, *, learned: bool = True) -> GateDecision:
+    """Check the candidate against every threshold; any failure rejects, `require_review` defers.
+
+    `learned=False` for a retirement: no task is new, every task of the report is an old one.
+    """
+    new_task = report.tasks[-1] if learned else None
+    new_acc = report.acc[new_task] if new_task else None
+    old = report.tasks[:-1] if learned else report.tasks
+    drops = {t: champion_acc[t] - report.acc[t] for t in old if champion_acc and t in champion_acc}
     avg_drop = sum(drops.values()) / len(drops) if drops else 0.0
     failures = []
-    if new_acc < policy.min_new_task_acc:
+    if new_acc is not None and new_acc < policy.min_new_task_acc:
         failures.append(f"new task {new_task}: accuracy {new_acc:.1f} < {policy.min_new_task_acc:.1f}")
     for t, d in drops.items():
         if d > policy.max_forgetting:

@@ -136,3 +136,18 @@ def test_a_lineage_of_one_task_or_an_unknown_task_is_refused(lineage: Lineage, t
     with pytest.raises(StageError, match="'nope' is not in this model"):
         run_retire(lineage.cfg, lineage.state(1), "nope", tmp_path / "unknown")
     assert not (tmp_path / "one").exists() and not (tmp_path / "unknown").exists()
+
+
+def test_the_gate_checks_every_remaining_task_against_the_champion_and_none_as_new(
+        first: Retired, lineage: Lineage) -> None:
+    from cmoe.config import GateConfig
+    from cmoe.stages.gate import decide
+
+    left = lineage.names[1]
+    strict = GateConfig(min_new_task_acc=101.0, max_forgetting=0.0, max_avg_drop=0.0, min_locator_acc=0.0)
+    champion = dict(first.before.acc)
+    decision = decide(strict, first.after, champion, first.result.params_added, learned=False)
+    assert decision.outcome == "approve" and decision.metrics["new_task_acc"] is None
+    champion[left] = first.after.acc[left] + 1.0  # the champion did better on the remaining task
+    decision = decide(strict, first.after, champion, first.result.params_added, learned=False)
+    assert decision.outcome == "reject" and decision.reasons[0] == f"old task {left}: dropped 1.0 points > 0.0"
