@@ -17,29 +17,23 @@ lineage keeps evaluation sets, never training data, and no later task reads this
 The candidate always builds on the MLflow `champion`. Each stage writes into
 `<home>/runs/<bundle sha256>-<parent>/<stage>/` and marks itself finished with `done.json`, so a
 failed or killed run, started again for the same bundle and champion, resumes at the first stage
-that did not finish. A review pauses the flow run with a `ReviewInput` form (Prefect UI) that
-`cmoe review approve|reject` can also answer; with `review_plan: true` the run also pauses after
-the probe until the expansion plan is approved.
+that did not finish. A review (and, with `review_plan: true`, the expansion plan after the probe)
+waits for one answer, from the Prefect UI or `cmoe review approve|reject`: see `flows/review.py`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
-from uuid import UUID
 
 from prefect import State, Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.exceptions import FlowPauseTimeout, NotPausedError, ObjectNotFound
-from prefect.flow_runs import pause_flow_run, resume_flow_run, suspend_flow_run
-from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from cmoe.config import CmoeConfig, load_config
@@ -50,8 +44,9 @@ from cmoe.data.loading import forget_local_copies
 from cmoe.data.storage import StorageError
 from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.files import write_text_atomic
-from cmoe.registry import Champion, Registry, RegistryError, VersionInfo
+from cmoe.registry import Champion, Registry, VersionInfo
 from cmoe.stages.report import Row, accuracy_table, cell
+from flows.review import review_plan, settle
 
 if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks that run them
     from cmoe.stages.evaluate import EvalReport
@@ -59,21 +54,12 @@ if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks
     from cmoe.stages.probe import ProbeReport
 
 T = TypeVar("T")
-DECIDED = {"approve": "approved", "reject": "rejected"}  # an answer -> the decision recorded on the version
 DONE = "done.json"  # written last into a stage's folder: the stage finished and this is its result
 
 # Every stage task persists its result as JSON (readable back from the Prefect API) and skips
 # Prefect's input caching: resuming is the job of the stage's own done.json, which survives the
 # loss of the Prefect database and is keyed by what matters (bundle and champion).
 stage_task = partial(task, cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
-
-
-class ReviewInput(RunInput):
-    """A reviewer's answer to a paused run: the form the Prefect UI shows, and what the CLI sends."""
-
-    decision: Literal["approve", "reject"]
-    by: str
-    reason: str
 
 
 @dataclass
@@ -247,9 +233,8 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
         eval_set = keep(cfg, bundle, runs)
         plan = probe(cfg, bundle, champion, runs, registry, run_id)
         if cfg.gate.review_plan:
-            verdict = resumable(runs / "plan-review", ReviewedPlan,
-                                lambda _: review_plan(cfg, registry, run_id, plan))
-            if verdict.decision == "reject":
+            verdict = review_plan(cfg, registry, run_id, f"## Expansion plan for {plan.task}\n\n{_plan_line(plan)}")
+            if verdict.decision == "rejected":
                 registry.end_task_run(run_id)
                 release(cfg, bundle, registry, run_id=run_id)
                 return TaskOutcome(bundle.name, bundle.sha256, parent, None, "plan_rejected", verdict.by,
@@ -260,7 +245,8 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
                    "maa": report.maa, "locator_acc": report.locator_acc, "params_added": expanded.params_added}
         registry.log_summary(run_id, {"acc": report.acc, **summary})
         result = gate(cfg, bundle, champion, key, expanded, eval_set, report, summary, runs, registry, run_id)
-        info = settle(cfg, registry, result, review_markdown(result, report, lineage))
+        info = settle(cfg, registry, result.version, result.outcome, result.reasons,
+                      review_markdown(result, report, lineage))
     except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
         registry.end_task_run(run_id, failed=True)
         raise
@@ -297,88 +283,6 @@ def release(cfg: CmoeConfig, bundle: ValidatedBundle, registry: Registry, *, ver
     elif run_id is not None:
         registry.tag_run(run_id, {REMOVED_TAG: json.dumps(removed)})
     return removed
-
-
-# ---------------------------------------------------------------------------- decisions and reviews
-@dataclass
-class ReviewedPlan:
-    """A reviewer's answer on an expansion plan (stored so a resumed run does not ask again)."""
-
-    decision: str
-    by: str
-    reason: str
-
-
-def review_plan(cfg: CmoeConfig, registry: Registry, run_id: str, plan: ProbeReport) -> ReviewedPlan:
-    """Pause until a reviewer approves or rejects the probe's expansion plan; nothing is trained before."""
-    registry.set_plan_review(run_id, "pending")
-    registry.tag_run(run_id, {"prefect_flow_run_name": str(flow_run.name)})
-    answer = wait_for_review(cfg, "plan", f"## Expansion plan for {plan.task}\n\n{_plan_line(plan)}\n\n"
-                             f"Approve to train it: `cmoe review approve {flow_run.name} --by NAME --reason TEXT`")
-    registry.set_plan_review(run_id, f"{answer.decision}d", answer.by, answer.reason)
-    return ReviewedPlan(answer.decision, answer.by, answer.reason)
-
-
-def settle(cfg: CmoeConfig, registry: Registry, result: GateResult, review: str) -> VersionInfo:
-    """Record the gate's decision, or pause for a reviewer's; a version decided earlier stays as it is."""
-    info = registry.version(result.version)
-    if info.decision != "pending_review":
-        return info
-    if result.outcome != "review":
-        return registry.decide_version(result.version, DECIDED[result.outcome], "gate", "; ".join(result.reasons))
-    registry.tag_version(result.version, {"prefect_flow_run_id": str(flow_run.id)})
-    answer = wait_for_review(cfg, "review", review)
-    return registry.decide_version(result.version, DECIDED[answer.decision], answer.by, answer.reason)
-
-
-def wait_for_review(cfg: CmoeConfig, key: str, description: str) -> ReviewInput:
-    """Wait for a reviewer: pause (the process waits) or, for deployed runs, suspend (the worker is freed)."""
-    form = ReviewInput.with_initial_data(description=description, decision="approve")
-    if cfg.flow.suspend_reviews and flow_run.deployment_id and not flow_run.parent_flow_run_id:
-        # The run exits now and its deployment starts it again on resume: done.json skips straight back here.
-        return suspend_flow_run(wait_for_input=form, timeout=cfg.flow.review_timeout_s, key=key)
-    return pause_flow_run(wait_for_input=form, timeout=cfg.flow.review_timeout_s,
-                          poll_interval=cfg.flow.review_poll_s, key=key)
-
-
-def submit_review(registry: Registry, ref: str, decision: Literal["approve", "reject"], by: str, reason: str,
-                  wait_s: float = 60.0) -> str:
-    """Answer a review from outside the flow: resume the waiting run, or record it directly if none waits.
-
-    `ref` is a version number, or the flow-run name of a run paused on its expansion plan.
-    Returns a one-line account of what happened.
-    """
-    answer = {"decision": decision, "by": by, "reason": reason}
-    if not ref.isdigit():
-        plan = next((p for p in registry.pending_plans() if ref in (p.tags.get("prefect_flow_run_name"),
-                                                                     p.tags.get("prefect_flow_run_id"))), None)
-        if plan is None:
-            raise RegistryError(f"no expansion plan awaits review under {ref!r} (see `cmoe review list`)")
-        if not _resume(UUID(plan.tags["prefect_flow_run_id"]), answer):
-            raise RegistryError(f"flow run {ref} no longer waits for its plan review: run its bundle again")
-        return f"plan of {plan.task}: {decision} sent to flow run {ref}"
-    version = int(ref)
-    info = registry.check_decision(version, DECIDED[decision])
-    run = info.tags.get("prefect_flow_run_id")
-    if not (run and _resume(UUID(run), answer)):
-        # No run is waiting (it timed out, was killed, or ran without an API): record it here.
-        info = registry.decide_version(version, DECIDED[decision], by, reason)
-        return f"version {version}: {info.decision} (recorded directly; no flow run was waiting)"
-    deadline = time.monotonic() + wait_s
-    while (info := registry.version(version)).decision == "pending_review" and time.monotonic() < deadline:
-        time.sleep(1)
-    if info.decision == "pending_review":
-        return f"version {version}: {decision} sent to flow run {run}; it records the decision when it resumes"
-    return f"version {version}: {info.decision} by {info.decided_by} (flow run {run} resumed)"
-
-
-def _resume(flow_run_id: UUID, answer: dict[str, str]) -> bool:
-    """Send the answer to a paused run; False when that run is not waiting (unknown, finished, timed out)."""
-    try:
-        resume_flow_run(flow_run_id, run_input=answer)
-    except (ObjectNotFound, NotPausedError, FlowPauseTimeout):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------- reports

@@ -63,7 +63,7 @@ def review_show(version: VersionArg, config: ConfigOpt = None) -> None:
 def _decide(ref: str, decision: Literal["approve", "reject"], by: str, reason: str, config: Path | None) -> None:
     cfg, _ = setup(config)
     from cmoe.registry import RegistryError
-    from flows.continual import submit_review
+    from flows.review import submit_review
 
     try:
         console.print(submit_review(open_registry(cfg), ref, decision, by, reason))
