@@ -6,16 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cmoe.config import CmoeConfig
-from cmoe.data.validate import open_bundle
+from cmoe.data.validate import ValidatedBundle
 from cmoe.model.state import read_manifest
 from cmoe.stages.expand import run_expand
 
 
-def test_a_task_shorter_than_one_checkpoint_interval_expands(make_cfg: Callable[..., CmoeConfig], suite: list[str],
-                                                              tmp_path: Path) -> None:
+def test_a_task_shorter_than_one_checkpoint_interval_expands(make_cfg: Callable[..., CmoeConfig],
+                                                              suite: list[ValidatedBundle], tmp_path: Path) -> None:
     default_every = CmoeConfig().expand.checkpoint_every  # tiny_test_config checkpoints every 2 steps
     cfg = make_cfg(expand={"checkpoint_every": default_every})
-    bundle = open_bundle(suite[0])
+    bundle = suite[0]
     steps = cfg.expand.epochs * (bundle.counts["train"] // cfg.expand.batch_size)
     assert 0 < steps < default_every  # the case under test: the run ends before its first checkpoint
 
