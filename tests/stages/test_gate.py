@@ -18,7 +18,7 @@ def report(a: float = 80.0, b: float = 70.0, new: float = 60.0, locator_acc: flo
     acc = {"a": a, "b": b, "c": new}
     return EvalReport(
         tasks=["a", "b", "c"], acc=acc, oracle_acc=dict(acc), locator_acc=locator_acc, confusion=None,
-        matrix=[[a, None, None], [a, b, None], [a, b, new]], avg_acc=(a + b + new) / 3, bwt=None, forgetting=None,
+        matrix=[[a, None, None], [a, b, None], [a, b, new]], avg_acc=(a + b + new) / 3, mft=None, bwt=None, forgetting=None,
         maa=None, params_total=10_000, params_active=5_000, params_added=[0, 0, 0], eval_samples_per_s=1.0,
         report_json="", heatmap_png="",
     )

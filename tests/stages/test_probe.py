@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_layers
-from cmoe.stages.common import open_lineage
+from cmoe.stages.common import StageError, open_lineage
 from cmoe.stages.probe import ProbeReport, make_plan, run_probe, threshold
 
 from .conftest import Lineage, tree_digest
@@ -82,7 +82,7 @@ def test_probing_leaves_the_parent_state_untouched(lineage: Lineage, tmp_path: P
 
 
 def test_a_task_already_in_the_lineage_cannot_be_probed_again(lineage: Lineage, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="already in this lineage"):
+    with pytest.raises(StageError, match="already in this lineage"):
         run_probe(lineage.cfg, lineage.bundles[0], lineage.state(0), tmp_path / "probe")
 
 
