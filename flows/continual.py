@@ -44,7 +44,7 @@ from cmoe.data.loading import forget_local_copies
 from cmoe.data.storage import StorageError
 from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.files import write_text_atomic
-from cmoe.registry import Champion, Registry, VersionInfo
+from cmoe.registry import EVAL_SET_TAG, REMOVED_TAG, TRAIN_SHA_TAG, Champion, Registry, VersionInfo, held_versions
 from cmoe.stages.report import Row, accuracy_table, cell
 from flows.review import review_plan, settle
 
@@ -170,9 +170,13 @@ def expand(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, 
 
 
 @stage_task(name="evaluate")
-def evaluate(cfg: CmoeConfig, bundle: ValidatedBundle, state_dir: str, lineage: list[VersionInfo], runs: Path,
+def evaluate(cfg: CmoeConfig, step: str, state_dir: str, lineage: list[VersionInfo], runs: Path,
              registry: Registry, run_id: str) -> EvalReport:
-    """Re-test every task learned so far on the evaluation sets the lineage kept (never an old bundle)."""
+    """Re-test every task the candidate holds on the evaluation sets the lineage kept (never an old bundle).
+
+    `lineage`: the versions that learned the candidate's earlier tasks (their accuracy rows);
+    `step`: what the candidate did, for the artifact ("after <task>").
+    """
     from cmoe.stages.evaluate import EvalReport, run_evaluate
 
     history = [v.acc for v in lineage]
@@ -180,24 +184,37 @@ def evaluate(cfg: CmoeConfig, bundle: ValidatedBundle, state_dir: str, lineage: 
                        lambda out: run_evaluate(cfg, Path(state_dir), out, history))
     registry.log_stage(run_id, "evaluate", report)
     create_markdown_artifact(key="cmoe-accuracy", markdown=accuracy_markdown(report, lineage),
-                             description=f"Accuracy matrix after {bundle.name}")
+                             description=f"Accuracy matrix {step}")
     return report
 
 
+@dataclass
+class Candidate:
+    """What the gate registers: a new state, its size change and what its version's tags record."""
+
+    task: str  # the task learned (or retired: flows/retire.py)
+    state_dir: str
+    params_added: int
+    bundle_uri: str
+    bundle_sha256: str
+    tags: dict[str, str]
+    learned: bool = True  # False for a retirement: no task of the evaluation is new
+
+
 @stage_task(name="gate")
-def gate(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, key: str, expanded: ExpandResult,
-         eval_set: EvalSetRef, report: EvalReport, summary: dict[str, Any], runs: Path, registry: Registry,
-         run_id: str) -> GateResult:
+def gate(cfg: CmoeConfig, candidate: Candidate, champion: Champion | None, key: str, report: EvalReport,
+         summary: dict[str, Any], runs: Path, registry: Registry, run_id: str) -> GateResult:
     """Apply the gate policy and register the candidate as a model version (alias `candidate`)."""
     from cmoe.stages.gate import decide
 
     def register(out: Path) -> GateResult:
-        decision = decide(cfg.gate, report, champion.acc if champion else None, expanded.params_added)
+        decision = decide(cfg.gate, report, champion.acc if champion else None, candidate.params_added,
+                          learned=candidate.learned)
         version = registry.register_candidate(
-            run_id, Path(expanded.state_dir), key=key, task=bundle.name, bundle_uri=bundle.uri,
-            bundle_sha256=bundle.sha256, parent_version=champion.version if champion else None,
+            run_id, Path(candidate.state_dir), key=key, task=candidate.task, bundle_uri=candidate.bundle_uri,
+            bundle_sha256=candidate.bundle_sha256, parent_version=champion.version if champion else None,
             acc=report.acc, metrics=summary, gate=decision.metrics,
-            tags={"prefect_flow_run_id": str(flow_run.id), **lineage_tags(bundle, eval_set)})
+            tags={"prefect_flow_run_id": str(flow_run.id), **candidate.tags})
         return GateResult(version, decision.outcome, decision.reasons, decision.metrics)
 
     result = resumable(runs / "gate", GateResult, register)
@@ -219,12 +236,13 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
     champion = registry.champion()
     parent = champion.version if champion else None
     lineage = registry.lineage(parent) if parent is not None else []
+    held = held_versions(lineage)  # the versions that learned the champion's tasks (a retired one's left out)
     if learned := next((v for v in lineage if v.bundle_sha256 == bundle.sha256), None):
         raise ValueError(f"{bundle.uri}: already learned by v{learned.version} ({learned.task}), "
                          f"which the champion v{parent} builds on: nothing to do")
     # A renamed copy of an old task's data is refused here, before anything is recorded or trained
     # (the stages' own guard would refuse it too, but only after the MLflow run had started).
-    check_not_learned(bundle, {v.tags[TRAIN_SHA_TAG]: v.task for v in lineage if v.tags.get(TRAIN_SHA_TAG)})
+    check_not_learned(bundle, {v.train_sha256: v.task for v in lineage if v.train_sha256})
     key = stage_key(bundle.sha256, parent)
     runs = cfg.home / "runs" / key
     run_id = registry.start_task_run(key, bundle.name, bundle.sha256, parent, cfg.model_dump(mode="json"),
@@ -240,19 +258,19 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
                 return TaskOutcome(bundle.name, bundle.sha256, parent, None, "plan_rejected", verdict.by,
                                    verdict.reason, {}, None, None, 0)
         expanded = expand(cfg, bundle, champion, plan, eval_set, runs, registry, run_id)
-        report = evaluate(cfg, bundle, expanded.state_dir, lineage, runs, registry, run_id)
-        summary = {"avg_acc": report.avg_acc, "mft": report.mft, "bwt": report.bwt, "forgetting": report.forgetting,
-                   "maa": report.maa, "locator_acc": report.locator_acc, "params_added": expanded.params_added}
+        report = evaluate(cfg, f"after {bundle.name}", expanded.state_dir, held, runs, registry, run_id)
+        summary = headline(report, expanded.params_added)
         registry.log_summary(run_id, {"acc": report.acc, **summary})
-        result = gate(cfg, bundle, champion, key, expanded, eval_set, report, summary, runs, registry, run_id)
+        candidate = Candidate(bundle.name, expanded.state_dir, expanded.params_added, bundle.uri, bundle.sha256,
+                              lineage_tags(bundle, eval_set))
+        result = gate(cfg, candidate, champion, key, report, summary, runs, registry, run_id)
         info = settle(cfg, registry, result.version, result.outcome, result.reasons,
-                      review_markdown(result, report, lineage))
+                      review_markdown(result, bundle.name, report, held))
     except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
         registry.end_task_run(run_id, failed=True)
         raise
     registry.end_task_run(run_id)
-    if info.decision != "pending_review":
-        release(cfg, bundle, registry, version=info.version)
+    release(cfg, bundle, registry, version=info.version)  # settle returns once the version is decided
     outcome = TaskOutcome(bundle.name, bundle.sha256, parent, info.version, info.decision, info.decided_by,
                           info.reason, report.acc, report.avg_acc, report.bwt, expanded.params_added)
     create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result),
@@ -261,11 +279,6 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
 
 
 # ---------------------------------------------------------------------------- data lifecycle
-TRAIN_SHA_TAG = "train_sha256"  # version tag: the task's train-split hash (the rehearsal guard's key)
-EVAL_SET_TAG = "eval_set"  # version tag: JSON of the task's kept evaluation set (EvalSetRef)
-REMOVED_TAG = "retention.removed"  # version tag: JSON list of the local copies deleted once it was decided
-
-
 def lineage_tags(bundle: ValidatedBundle, eval_set: EvalSetRef) -> dict[str, str]:
     """What a version records of its task's data: the train split's hash and the kept evaluation set."""
     return {TRAIN_SHA_TAG: bundle.split_sha256["train"], EVAL_SET_TAG: json.dumps(asdict(eval_set))}
@@ -291,6 +304,12 @@ def _plan_line(plan: ProbeReport) -> str:
     return f"{layers}; {plan.params_to_add:,} params to add, about {plan.est_train_s:.0f} s of training"
 
 
+def headline(report: EvalReport, params_added: int) -> dict[str, Any]:
+    """The metrics a version records and its run logs: Avg, MFT, BWT, forgetting, MAA, locator accuracy, size."""
+    return {"avg_acc": report.avg_acc, "mft": report.mft, "bwt": report.bwt, "forgetting": report.forgetting,
+            "maa": report.maa, "locator_acc": report.locator_acc, "params_added": params_added}
+
+
 def accuracy_markdown(report: EvalReport, lineage: list[VersionInfo]) -> str:
     """The accuracy matrix: one row per step of the lineage (the champion's ancestors, then the candidate)."""
     names = [f"v{v.version}" for v in lineage] + ["candidate"]
@@ -300,10 +319,10 @@ def accuracy_markdown(report: EvalReport, lineage: list[VersionInfo]) -> str:
             f"**forgetting** {cell(report.forgetting)}, **locator accuracy** {cell(report.locator_acc)}")
 
 
-def review_markdown(result: GateResult, report: EvalReport, lineage: list[VersionInfo]) -> str:
+def review_markdown(result: GateResult, what: str, report: EvalReport, lineage: list[VersionInfo]) -> str:
     """What a reviewer sees in the pause form: the matrix, the gate's reasons and how to answer."""
     reasons = "\n".join(f"- {r}" for r in result.reasons) or "- (none)"
-    return (f"## Candidate v{result.version}: {report.tasks[-1]}\n\n{accuracy_markdown(report, lineage)}\n\n"
+    return (f"## Candidate v{result.version}: {what}\n\n{accuracy_markdown(report, lineage)}\n\n"
             f"Gate ({result.outcome}):\n{reasons}\n\n"
             f"Answer here, or: `cmoe review approve {result.version} --by NAME --reason TEXT` (or `reject`).")
 

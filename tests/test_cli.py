@@ -18,6 +18,7 @@ COMMANDS = {
     "review show": ["review", "show", "1"],
     "review approve": ["review", "approve", "1", "--by", "ann", "--reason", "x"],
     "rollback": ["rollback", "1"],
+    "retire": ["retire", "task"],
     "predict": ["predict", "--image", "{config}", "--question", "what?"],
     "probe": ["probe", "bundle", "--out", "out"],
     "expand": ["expand", "bundle", "--plan", "probe.json", "--out", "out"],

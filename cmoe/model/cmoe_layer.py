@@ -361,7 +361,9 @@ class CMoELayer(nn.Module):
             if u == t:
                 continue
             rows = [r for r in range(w.shape[0]) if r not in drop]
-            routers.append(w if len(rows) == w.shape[0] else nn.Parameter(w.detach()[rows], requires_grad=w.requires_grad))
+            if len(rows) < w.shape[0]:
+                w = nn.Parameter(w.detach()[rows], requires_grad=w.requires_grad)
+            routers.append(w)
         self.routers = nn.ParameterList(routers)
         for e in ours - drop:
             self.experts[e].requires_grad_(False)

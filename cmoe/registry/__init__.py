@@ -39,6 +39,7 @@ CHAMPION, CANDIDATE = "champion", "candidate"
 TRAIN_SHA_TAG = "train_sha256"  # the task's train-split hash (the rehearsal guard's key)
 EVAL_SET_TAG = "eval_set"  # JSON of the task's kept evaluation set
 REMOVED_TAG = "retention.removed"  # JSON list of the local copies deleted once it was decided
+RETIRED_TAG = "retired"  # on a retirement's version: the task it removed (its `task` tag names it too)
 _MODEL_CODE = Path(__file__).with_name("model_code.py")  # models-from-code: the wrapper is rebuilt, not unpickled
 _NONE = "none"  # tag value of "no parent version"
 _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
@@ -85,6 +86,23 @@ class VersionInfo:
     def removed(self) -> list[str] | None:
         """Local copies of the task's data deleted once it was decided; None while undecided or kept."""
         return json.loads(self.tags[REMOVED_TAG]) if REMOVED_TAG in self.tags else None
+
+    @property
+    def retired(self) -> str | None:
+        """The task this version removed (`cmoe retire`); None for a version that learned a task."""
+        return self.tags.get(RETIRED_TAG)
+
+
+def held_versions(lineage: list[VersionInfo]) -> list[VersionInfo]:
+    """The version that learned each task the lineage's last version still holds, in task order:
+    a retirement removes its task's version (and is itself no task's)."""
+    held: dict[str, VersionInfo] = {}
+    for v in lineage:
+        if v.retired is not None:
+            held.pop(v.retired, None)
+        else:
+            held[v.task] = v
+    return list(held.values())
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ that nothing else moved:
   its experts. Each of those tasks answers its own kept evaluation set with its own router (oracle
   routing, the batched greedy decoding evaluation uses) while every top-k choice is counted
   (`record_routing`). An expert picked even once is kept, frozen, and goes to the next task; the
-  others are removed. The counts are part of the result, per expert and per task.
-- **The check.** One batch of every remaining task's evaluation set is routed and scored before
-  and after the surgery. The top-k counts of every remaining expert must be the same, and the
+  others are removed. The counts are part of the result, per expert and per task. They include
+  the padding positions of each batch's first step: an error on the safe side (an expert kept
+  that could have gone, never one dropped that a real token picks).
+- **The check.** The first `eval.batch_size` prompts of every remaining task's evaluation set are
+  routed and scored before and after the surgery, one at a time (no padding positions, whose
+  top-k is arbitrary). The top-k counts of every remaining expert must be the same, and the
   logits of the first answer token the same up to float rounding: removing a logit the router never
   picks changes its softmax's sum in the last bits, so bit-identical outputs are not promised for
   the tasks after the retired one. Any other difference is an error and nothing is saved.
@@ -97,12 +100,16 @@ def _usage(cfg: CmoeConfig, model: torch.nn.Module, processor, data: TaskData, t
 @torch.no_grad()
 def _check_batch(cfg: CmoeConfig, model: torch.nn.Module, processor, data: TaskData,
                  task: str) -> tuple[torch.Tensor, dict[int, list[int]]]:
-    """First-answer-token logits of the first batch of `task`'s evaluation set, and its top-k counts."""
-    batch = processor.collate(data.encoded[: cfg.eval.batch_size], left_pad=True, device=device_of(model))
-    batch.pop("labels")
-    with route(model, [task] * len(batch["input_ids"])), record_routing(model):
-        logits = model(**batch, logits_to_keep=1).logits[:, -1].float().cpu()
-    return logits, expert_usage(model)
+    """First-answer-token logits of the first `eval.batch_size` prompts of `task`'s evaluation set, and
+    their top-k counts; one prompt at a time, since a padding position's top-k is arbitrary (it can
+    change with the router's width) and must not count."""
+    logits = []
+    with route(model, [task]), record_routing(model):
+        for encoded in data.encoded[: cfg.eval.batch_size]:
+            batch = processor.collate([encoded], device=device_of(model))
+            batch.pop("labels")
+            logits.append(model(**batch, logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(logits), expert_usage(model)
 
 
 def _compare(task: str, before: tuple[torch.Tensor, dict[int, list[int]]],

@@ -68,7 +68,8 @@ def test_a_kept_expert_goes_to_the_next_task_and_the_state_replays(tmp_path: Pat
     assert layers[drop_layer].expert_origin == ["base"] * 4 + ["a", "c"]
     # c's router lost exactly the dropped expert's row; a's router never covered b's experts
     assert torch.equal(layers[keep_layer].routers[1], c_router[keep_layer])
-    assert torch.equal(layers[drop_layer].routers[1], torch.cat([c_router[drop_layer][:drop_index], c_router[drop_layer][drop_index + 1:]]))
+    rows = c_router[drop_layer]
+    assert torch.equal(layers[drop_layer].routers[1], torch.cat([rows[:drop_index], rows[drop_index + 1:]]))
     assert torch.allclose(_logits(model, "a"), a_before, atol=1e-6)
     with pytest.raises(KeyError, match="unknown tasks"):
         _logits(model, "b")

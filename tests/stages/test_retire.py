@@ -111,7 +111,7 @@ def test_parameter_count_loses_exactly_what_the_task_owned(which: str, lineage: 
     expert = sum(p.numel() for p in layers[0].experts[0].parameters())
     owned = (sum(layer.routers[t].numel() for layer in layers.values())
              + sum(p.numel() for p in before.cmoe.locator.vaes[result.task].parameters())
-             + result.experts_dropped * (expert + (layers[0].hidden_size if t == 0 else 0)))  # + rows of task 2's router
+             + result.experts_dropped * (expert + (layers[0].hidden_size if t == 0 else 0)))  # + task 2's router rows
     assert result.params_before == count_params(before).total == retired.before.params_total
     assert result.params_after == result.params_before - owned == retired.after.params_total
     assert result.params_added == -owned
