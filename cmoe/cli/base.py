@@ -33,6 +33,14 @@ def build(
     console.print(f"held-out captions ({h['n']}): attribute recall {h['attribute_recall']:.1f} % "
                   f"(chance {h['chance_attribute_recall']:.1f} %), exact caption {h['caption_exact']:.1f} % "
                   f"(chance {h['chance_caption_exact']:.1f} %)")
+    final = result.moe_stage or {"styleshift": result.styleshift}  # what the tasks build on
+    if result.moe_stage:
+        m = result.moe_stage
+        console.print(f"MoE stage: experts' mean pairwise output similarity {m['mean_pairwise_similarity']:.3f} "
+                      f"(1 = copies); after it attribute recall {m['heldout']['attribute_recall']:.1f} %")
+    s = final["styleshift"]
+    console.print(f"style-shifted suite ({s['n']}): base {s['base_acc']:.1f} % vs text-only prior {s['prior_acc']:.1f} % "
+                  f"(margin {s['margin']:+.1f})")
 
 
 @app.command()

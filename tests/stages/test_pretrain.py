@@ -53,3 +53,19 @@ def test_another_moe_layout_is_another_recipe(corpus: Path, tmp_path: Path) -> N
     three = _build(cfg, tmp_path / "base", corpus, MOE.model_copy(update={"initial_experts": 3}))
     assert not three.reused and three.recipe_sha256 != two.recipe_sha256
     assert len(three.moe_stage["utilisation"]["0"]) == 3
+
+
+def test_cli_base_build_reports_the_moe_stage_and_the_style_shift(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from cmoe.cli import app
+
+    cfg = tiny_test_config(tmp_path / "home")
+    cfg.base.pretrain_samples = 16
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["base", "build", "--config", str(config)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "MoE stage: experts' mean pairwise output similarity 0." in result.output
+    assert "style-shifted suite (250): base " in result.output and "text-only prior" in result.output
