@@ -38,7 +38,8 @@ def lineage(
         # The train split itself is never kept; this column lists cmoe's local copies that were deleted.
         removed = v.removed
         training = "–" if removed is None else f"removed {', '.join(removed)}" if removed else "no local copies"
-        table.add_row(f"v{v.version}", v.task, v.decision, f"{kept['sha256'][:16]}…" if kept else "none",
+        task = f"retire {v.retired}" if v.retired else v.task
+        table.add_row(f"v{v.version}", task, v.decision, f"{kept['sha256'][:16]}…" if kept else "none",
                       f"{kept['rows']}/{kept['of_rows']}" if kept else "", f"{kept['bytes']:,}" if kept else "",
                       kept.get("uri", ""), training)
     console.print(table)

@@ -102,7 +102,7 @@ def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dic
     final = [report.acc[t] for t in report.tasks]
     matrix = [[None] * len(bundles) for _ in bundles[:-1]] + [final]
     entry = _entry(matrix, None, report.params_total, [0] * len(bundles), t0)
-    entry.update(bwt=None, forgetting=None, maa=None)  # one training, no sequence: not defined
+    entry.update(bwt=None, forgetting=None, maa=None, mft=None)  # one training, no sequence: not defined
     return entry
 
 
@@ -115,8 +115,9 @@ def _eval_sets(cfg: CmoeConfig, bundles: list[ValidatedBundle]) -> list:
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
            params_added: list[int], t0: float) -> dict:
     return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "bwt": metrics.bwt(matrix),
-            "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "locator_acc": locator_acc,
-            "params_total": params_total, "params_added": params_added, "wall_s": time.perf_counter() - t0}
+            "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "mft": metrics.mft(matrix),
+            "locator_acc": locator_acc, "params_total": params_total, "params_added": params_added,
+            "wall_s": time.perf_counter() - t0}
 
 
 def mean_over_seeds(entries: list[dict]) -> dict:
