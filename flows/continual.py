@@ -305,8 +305,10 @@ def _plan_line(plan: ProbeReport) -> str:
 
 
 def headline(report: EvalReport, params_added: int) -> dict[str, Any]:
-    """The metrics a version records and its run logs: Avg, MFT, BWT, forgetting, MAA, locator accuracy, size."""
-    return {"avg_acc": report.avg_acc, "mft": report.mft, "bwt": report.bwt, "forgetting": report.forgetting,
+    """The metrics a version records and its run logs: Avg (also under MCITlib's name MFN), MFT, BWT,
+    forgetting, MAA, locator accuracy, size (formulas: docs/data-lifecycle.md)."""
+    return {"avg_acc": report.avg_acc, "mfn": report.avg_acc, "mft": report.mft, "bwt": report.bwt,
+            "forgetting": report.forgetting,
             "maa": report.maa, "locator_acc": report.locator_acc, "params_added": params_added}
 
 

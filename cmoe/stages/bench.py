@@ -114,7 +114,8 @@ def _eval_sets(cfg: CmoeConfig, bundles: list[ValidatedBundle]) -> list:
 
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
            params_added: list[int], t0: float) -> dict:
-    return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "bwt": metrics.bwt(matrix),
+    return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "mfn": metrics.avg_acc(matrix),
+            "bwt": metrics.bwt(matrix),
             "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "mft": metrics.mft(matrix),
             "locator_acc": locator_acc, "params_total": params_total, "params_added": params_added,
             "wall_s": time.perf_counter() - t0}
@@ -179,8 +180,9 @@ def results_markdown(results: dict) -> str:
     """The comparison table of results.json, as Markdown."""
     methods = results["methods"].items()
     summary = TextTable(
-        ["method", "Avg %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added", "wall s"],
-        [[name, *(cell(m[k]) for k in ("avg_acc", "bwt", "forgetting", "maa", "locator_acc")),
+        ["method", "Avg (MFN) %", "MFT %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added",
+         "wall s"],
+        [[name, *(cell(m[k]) for k in ("avg_acc", "mft", "bwt", "forgetting", "maa", "locator_acc")),
           f"{m['params_total']:,}", f"{sum(m['params_added']):,}", f"{m['wall_s']:.0f}"] for name, m in methods])
     final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
     return (f"Tasks, in order: {', '.join(results['tasks'])}\n\n{summary.markdown()}\n\n"

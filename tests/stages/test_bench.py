@@ -14,7 +14,7 @@ from cmoe.stages.bench import METHODS, run_bench
 from .conftest import stage_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUN_KEYS = {"acc_matrix", "avg_acc", "bwt", "forgetting", "maa", "mft", "locator_acc", "params_total",
+RUN_KEYS = {"acc_matrix", "avg_acc", "mfn", "bwt", "forgetting", "maa", "mft", "locator_acc", "params_total",
             "params_added", "wall_s"}
 ENTRY_KEYS = RUN_KEYS | {"range", "per_seed"}  # means over seeds, their [min, max], each seed's run
 SEQUENTIAL = ("cmoe", "naive-expand", "single-router", "seq-ft")
