@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -76,3 +77,15 @@ def versions_table(versions: list[VersionInfo]) -> Table:
     for row in text.rows:
         table.add_row(*row)
     return table
+
+
+def run_and_report(flow: Callable[[], Any], prefix: str = "") -> None:
+    """Run a task flow (continual-task, retire-task) and print its decision and version on one line;
+    a failure is one error line (the flow has logged its traceback)."""
+    try:
+        outcome = flow()
+    except Exception as err:  # noqa: BLE001 - the flow already logged the traceback
+        raise fail(err) from None
+    version = f"v{outcome.version}" if outcome.version is not None else "no version"
+    console.print(f"{prefix}{outcome.task}: [bold]{outcome.decision}[/] ({version}) by {outcome.decided_by}: "
+                  f"{outcome.reason}")

@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cmoe.cli.common import ConfigOpt, console, error, fail, open_registry, setup, versions_table
+from cmoe.cli.common import ConfigOpt, console, error, fail, open_registry, run_and_report, setup, versions_table
 
 
 def run(
@@ -26,12 +26,7 @@ def run(
     _, config_path = setup(config)
     from flows.continual import continual_task
 
-    try:
-        outcome = continual_task(bundle, config_path)
-    except Exception as err:  # noqa: BLE001 - the flow already logged the traceback
-        raise fail(err) from None
-    version = f"v{outcome.version}" if outcome.version is not None else "no version"
-    console.print(f"{outcome.task}: [bold]{outcome.decision}[/] ({version}) by {outcome.decided_by}: {outcome.reason}")
+    run_and_report(lambda: continual_task(bundle, config_path))
 
 
 def watch(

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cmoe.cli.common import ConfigOpt, console, fail, setup
+from cmoe.cli.common import ConfigOpt, run_and_report, setup
 
 
 def retire(
@@ -22,9 +22,4 @@ def retire(
     _, config_path = setup(config)
     from flows.retire import retire_task
 
-    try:
-        outcome = retire_task(task, config_path)
-    except Exception as err:  # noqa: BLE001 - the flow already logged the traceback
-        raise fail(err) from None
-    console.print(f"retire {outcome.task}: [bold]{outcome.decision}[/] (v{outcome.version}) "
-                  f"by {outcome.decided_by}: {outcome.reason}")
+    run_and_report(lambda: retire_task(task, config_path), prefix="retire ")
