@@ -45,8 +45,10 @@ def save_moe_base(model: nn.Module, folder: str | Path) -> Path:
     layout = {"layers": list(layers), "initial_experts": info.initial_experts, "top_k": info.top_k,
               "aux_loss_coef": info.aux_loss_coef}
     file = Path(folder) / MOE_FILE
+    # One metadata entry only: safetensors writes the metadata map in Rust HashMap order, which
+    # changes from call to call, so two entries would make the bytes (and the base's hash) vary.
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, file,
-              metadata={"format": "pt", _LAYOUT_KEY: json.dumps(layout)})
+              metadata={_LAYOUT_KEY: json.dumps(layout, sort_keys=True)})
     return file
 
 
