@@ -3,58 +3,110 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from cmoe.config import CmoeConfig
-from cmoe.model.cmoe_layer import cmoe_layers
+from cmoe.model.cmoe_layer import CMoELayer, cmoe_layers
 from cmoe.stages.common import StageError, open_lineage
-from cmoe.stages.probe import ProbeReport, make_plan, run_probe, threshold
+from cmoe.stages.probe import ProbeReport, expert_size, make_plan, run_probe, threshold
 
 from .conftest import Lineage, tree_digest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@dataclass
+class Routed:
+    """What every CMoE layer saw while it recorded routing with a probe attached (the scoring pass)."""
+
+    tokens: Counter = field(default_factory=Counter)  # layer -> tokens through the layer
+    to_probe: Counter = field(default_factory=Counter)  # layer -> tokens the probe expert computed
+    mass: Counter = field(default_factory=Counter)  # layer -> summed softmax of the router's probe column
+
+
+@contextmanager
+def count_probe_routing() -> Iterator[Routed]:
+    """Count, with global module hooks, the tokens each probe receives in a scoring pass."""
+    seen, recording = Routed(), {}  # recording: id(probe) -> its layer
+
+    def before(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, CMoELayer) and module.recording and module.probe is not None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            seen.tokens[module.layer_index] += len(x)
+            seen.mass[module.layer_index] += (x @ module.routers[-1].float().T).softmax(-1)[:, -1].sum().item()
+            recording[id(module.probe)] = module
+
+    def after(module: torch.nn.Module, args: tuple, _out: torch.Tensor) -> None:
+        layer = recording.get(id(module))
+        if layer is not None and layer.recording:  # dispatch hands an expert only the rows routed to it
+            seen.to_probe[layer.layer_index] += len(args[0])
+
+    hooks = [register_module_forward_pre_hook(before), register_module_forward_hook(after)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @pytest.fixture(scope="module")
-def probe_run(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CmoeConfig, ProbeReport]:
-    """Task 1 probed on the freshly upcycled base with the default threshold."""
+def probe_run(suite: list, base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CmoeConfig, ProbeReport, Routed]:
+    """Task 1 probed on the freshly upcycled base with the default threshold, its scoring pass counted."""
     from .conftest import stage_config
 
     root = tmp_path_factory.mktemp("probe")
     cfg = stage_config(root / "home", base_dir)
-    return cfg, run_probe(cfg, suite[0], None, root / "out")
+    with count_probe_routing() as routed:
+        report = run_probe(cfg, suite[0], None, root / "out")
+    return cfg, report, routed
 
 
-def test_report_scores_every_cmoe_layer(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
-    cfg, report = probe_run
+def test_report_scores_every_cmoe_layer(probe_run: tuple[CmoeConfig, ProbeReport, Routed]) -> None:
+    cfg, report, _ = probe_run
     layers = cmoe_layers(open_lineage(cfg, None)[0])
     assert sorted(report.scores) == sorted(str(i) for i in layers)
-    for s in report.scores.values():
-        assert 0.0 <= s["share"] <= 1.0 and 0.0 <= s["mass"] <= 1.0
-        assert s["experts"] == cfg.moe.initial_experts and s["tokens"] > 0
+    assert all(s["experts"] == cfg.moe.initial_experts for s in report.scores.values())
 
 
-def test_default_tau_is_the_uniform_share_with_the_probe_counted(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
-    cfg, report = probe_run
-    k, e = cfg.moe.top_k, cfg.moe.initial_experts
-    assert report.tau == pytest.approx(k / (e + 1))
-    assert all(s["tau"] == pytest.approx(k / (e + 1)) for s in report.scores.values())
+def test_share_and_mass_are_what_the_probe_received_in_the_scoring_pass(
+    probe_run: tuple[CmoeConfig, ProbeReport, Routed],
+) -> None:
+    _, report, routed = probe_run
+    assert sorted(routed.tokens) == sorted(int(k) for k in report.scores)
+    for layer, s in report.scores.items():
+        i = int(layer)
+        assert s["tokens"] == routed.tokens[i] > 0
+        assert s["share"] == routed.to_probe[i] / routed.tokens[i]
+        assert s["mass"] == pytest.approx(routed.mass[i] / routed.tokens[i], rel=1e-5)
 
 
-def test_the_plan_is_exactly_the_layers_at_or_above_tau(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
-    cfg, report = probe_run
-    expected = {layer for layer, s in report.scores.items() if s["share"] >= s["tau"]}
-    assert set(report.plan) == expected
-    assert all(n in (1, 2) for n in report.plan.values())
+def test_default_tau_is_the_uniform_share_with_the_probe_counted(probe_run: tuple[CmoeConfig, ProbeReport, Routed]) -> None:
+    _, report, _ = probe_run
+    assert report.tau == pytest.approx(1 / 3)  # top-1 of the 2 upcycled experts + the probe
+    assert all(s["tau"] == pytest.approx(1 / 3) for s in report.scores.values())
 
 
-def test_report_json_chart_and_probe_weights_are_written(probe_run: tuple[CmoeConfig, ProbeReport]) -> None:
-    _, report = probe_run
+@pytest.mark.parametrize("tau, plan", [(0.0, {"0": 1, "1": 1}), (1.01, {})], ids=["every-layer", "none"])
+def test_the_stage_plans_by_the_configured_threshold(make_cfg, suite: list, tmp_path: Path, tau: float,
+                                                     plan: dict[str, int]) -> None:
+    """Whatever the scores: every share reaches tau 0 (one expert each by default), none exceeds 1."""
+    cfg = make_cfg(probe={"tau": tau})
+    report = run_probe(cfg, suite[0], None, tmp_path / "probe")
+    assert report.plan == plan
+    assert report.params_to_add == sum(plan.values()) * expert_size(open_lineage(cfg, None)[0])
+
+
+def test_report_json_chart_and_probe_weights_are_written(probe_run: tuple[CmoeConfig, ProbeReport, Routed]) -> None:
+    _, report, _ = probe_run
     assert json.loads(Path(report.report_json).read_text()) == json.loads(json.dumps(asdict(report)))
     assert Path(report.chart_png).read_bytes()[:8] == PNG_MAGIC
     tensors = load_file(report.probe_file)
@@ -64,10 +116,10 @@ def test_report_json_chart_and_probe_weights_are_written(probe_run: tuple[CmoeCo
 
 
 def test_the_same_probe_twice_gives_the_same_scores(
-    probe_run: tuple[CmoeConfig, ProbeReport], suite: list[str], tmp_path: Path,
+    probe_run: tuple[CmoeConfig, ProbeReport, Routed], suite: list, tmp_path: Path,
 ) -> None:
     """Seeded like the expansion: the plan must not depend on what the process drew before."""
-    cfg, first = probe_run
+    cfg, first, _ = probe_run
     torch.manual_seed(12345)  # another global RNG state than the first run's
     again = run_probe(cfg, suite[0], None, tmp_path / "again")
     assert again.scores == first.scores and again.plan == first.plan
@@ -110,6 +162,12 @@ def test_one_expert_at_tau_and_two_at_the_double_ratio(make_cfg) -> None:
 
 def test_by_default_every_layer_at_tau_gets_exactly_one_expert(make_cfg) -> None:
     assert make_plan(make_cfg(), scores(0.3, 0.8, 0.1, 0.4, 0.6)) == {0: 1, 1: 1, 3: 1, 4: 1}
+
+
+def test_each_layer_is_held_to_its_own_tau(make_cfg) -> None:
+    # the same share passes a layer with many experts (low tau) and fails one with few (high tau)
+    hand = {0: {"share": 0.3, "tau": 0.5}, 1: {"share": 0.3, "tau": 0.2}, 2: {"share": 0.2, "tau": 0.2}}
+    assert make_plan(make_cfg(), hand) == {1: 1, 2: 1}
 
 
 def test_the_layer_cap_keeps_the_highest_scores(make_cfg) -> None:
