@@ -59,7 +59,9 @@ def count_probe_routing() -> Iterator[Routed]:
 
 
 @pytest.fixture(scope="module")
-def probe_run(suite: list, base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CmoeConfig, ProbeReport, Routed]:
+def probe_run(
+    suite: list, base_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[CmoeConfig, ProbeReport, Routed]:
     """Task 1 probed on the freshly upcycled base with the default threshold, its scoring pass counted."""
     from .conftest import stage_config
 
@@ -89,7 +91,9 @@ def test_share_and_mass_are_what_the_probe_received_in_the_scoring_pass(
         assert s["mass"] == pytest.approx(routed.mass[i] / routed.tokens[i], rel=1e-5)
 
 
-def test_default_tau_is_the_uniform_share_with_the_probe_counted(probe_run: tuple[CmoeConfig, ProbeReport, Routed]) -> None:
+def test_default_tau_is_the_uniform_share_with_the_probe_counted(
+    probe_run: tuple[CmoeConfig, ProbeReport, Routed],
+) -> None:
     _, report, _ = probe_run
     assert report.tau == pytest.approx(1 / 3)  # top-1 of the 2 upcycled experts + the probe
     assert all(s["tau"] == pytest.approx(1 / 3) for s in report.scores.values())
