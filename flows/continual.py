@@ -38,7 +38,7 @@ from prefect.runtime import flow_run
 
 from cmoe.config import CmoeConfig, load_config
 from cmoe.data.bundle import BundleError
-from cmoe.data.evalsets import EvalSetRef, keep_eval_set, store_location
+from cmoe.data.evalsets import EvalSetRef
 from cmoe.data.guard import check_not_learned
 from cmoe.data.loading import forget_local_copies
 from cmoe.data.storage import StorageError
@@ -131,9 +131,9 @@ def fetch(uri: str, cache_dir: Path) -> ValidatedBundle:
 @stage_task(name="keep-eval-set")
 def keep(cfg: CmoeConfig, bundle: ValidatedBundle, runs: Path) -> EvalSetRef:
     """Keep the new task's evaluation set (its test split, or `data.eval_keep` rows) in the lineage's store."""
-    store = store_location(cfg.data.eval_store, cfg.home)
-    return resumable(runs / "eval-set", EvalSetRef, lambda _: keep_eval_set(
-        bundle, store, cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep, seed=cfg.data.eval_seed))
+    from cmoe.stages.common import keep_task_eval_set
+
+    return resumable(runs / "eval-set", EvalSetRef, lambda _: keep_task_eval_set(cfg, bundle))
 
 
 @stage_task(name="probe")

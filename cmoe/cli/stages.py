@@ -51,16 +51,14 @@ def expand(bundle: Annotated[str, typer.Argument(help="Task bundle (folder or s3
     """Grow the planned experts, train them + the task router with DeepSpeed, fit the locator; the new
     state references the task's evaluation set, kept in `data.eval_store` (what `cmoe evaluate` reads)."""
     cfg = load(config)
-    from cmoe.data.evalsets import keep_eval_set, store_location
     from cmoe.data.guard import RehearsalError
-    from cmoe.stages.common import StageError
+    from cmoe.stages.common import StageError, keep_task_eval_set
     from cmoe.stages.expand import run_expand
     from cmoe.stages.probe import ProbeReport
 
     report = ProbeReport(**json.loads(plan.read_text()))
     opened = _open(cfg, bundle)
-    kept = keep_eval_set(opened, store_location(cfg.data.eval_store, cfg.home), cache_dir=cfg.home / "cache",
-                         keep=cfg.data.eval_keep, seed=cfg.data.eval_seed)
+    kept = keep_task_eval_set(cfg, opened)
     try:
         _print(run_expand(cfg, opened, parent, report, out, eval_set=kept))
     except (RehearsalError, StageError) as err:

@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 from cmoe.config import CmoeConfig
-from cmoe.data.evalsets import eval_set_of, keep_eval_set
 from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.model.cmoe_layer import add_task, cmoe_layers
 from cmoe.model.routing import route
 from cmoe.stages import metrics
-from cmoe.stages.common import load_train, moe_loss, open_lineage
+from cmoe.stages.common import keep_task_eval_set, load_train, moe_loss, open_lineage, task_eval_set
 from cmoe.stages.evaluate import evaluate_model, plot_matrix, run_evaluate
 from cmoe.stages.expand import expand_model, run_expand
 from cmoe.stages.probe import naive_plan, run_probe
@@ -50,8 +49,7 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
         else:  # naive-expand, single-router: one expert in every CMoE layer, no probe
             plan = naive_plan(cfg, bundle, parent, step / "probe")
         variant = "single-router" if method == "single-router" else "cmoe"
-        kept = keep_eval_set(bundle, str(out / "evalsets"), cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep,
-                             seed=cfg.data.eval_seed)
+        kept = keep_task_eval_set(cfg, bundle, str(out / "evalsets"))
         expanded = run_expand(cfg, bundle, parent, plan, step / "expand", eval_set=kept, copy_base=False,
                               variant=variant)
         report = run_evaluate(cfg, Path(expanded.state_dir), step / "eval", history)
@@ -70,7 +68,7 @@ def run_seq_ft(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> di
     model, processor = open_lineage(cfg, None, single_router=True)
     history: list[dict[str, float]] = []
     report = None
-    eval_sets = _eval_sets(cfg, bundles)
+    eval_sets = [task_eval_set(cfg, b) for b in bundles]
     for i, bundle in enumerate(bundles):
         step = out / f"{i + 1:02d}-{bundle.name}"
         expand_model(cfg, model, processor, bundle, None, step / "expand", variant="seq-ft")
@@ -98,18 +96,12 @@ def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dic
         train(model, [p for p in model.parameters() if p.requires_grad], data, processor.collate, moe_loss, spec)
         model.eval()
     model.requires_grad_(False)
-    report = evaluate_model(cfg, model, processor, _eval_sets(cfg, bundles), out / "eval", [])
+    report = evaluate_model(cfg, model, processor, [task_eval_set(cfg, b) for b in bundles], out / "eval", [])
     final = [report.acc[t] for t in report.tasks]
     matrix = [[None] * len(bundles) for _ in bundles[:-1]] + [final]
     entry = _entry(matrix, None, report.params_total, [0] * len(bundles), t0)
     entry.update(bwt=None, forgetting=None, maa=None, mft=None)  # one training, no sequence: not defined
     return entry
-
-
-def _eval_sets(cfg: CmoeConfig, bundles: list[ValidatedBundle]) -> list:
-    """The evaluation sets the lineage would keep, in memory: the in-process methods test on the same rows."""
-    return [eval_set_of(b, cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep, seed=cfg.data.eval_seed)
-            for b in bundles]
 
 
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,

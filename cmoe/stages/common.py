@@ -13,7 +13,7 @@ from torch import nn
 
 from cmoe.config import CmoeConfig
 from cmoe.data.bundle import TaskSpec
-from cmoe.data.evalsets import EvalSet, EvalSetRef, open_eval_set
+from cmoe.data.evalsets import EvalSet, EvalSetRef, eval_set_of, keep_eval_set, open_eval_set, store_location
 from cmoe.data.guard import training_scope
 from cmoe.data.loading import load_split
 from cmoe.data.validate import ValidatedBundle
@@ -100,6 +100,18 @@ def record_task(model: nn.Module, bundle: ValidatedBundle, eval_set: EvalSetRef 
         "bundle_sha256": bundle.sha256, "train_sha256": bundle.split_sha256["train"],
         "eval_set": asdict(eval_set) if eval_set is not None else None,
     }
+
+
+def keep_task_eval_set(cfg: CmoeConfig, bundle: ValidatedBundle, store: str | None = None) -> EvalSetRef:
+    """Keep `bundle`'s evaluation set as `data:` says (eval_keep, eval_seed) in `store`
+    (default: data.eval_store, else <home>/evalsets); its reference."""
+    return keep_eval_set(bundle, store or store_location(cfg.data.eval_store, cfg.home), cache_dir=cfg.home / "cache",
+                         keep=cfg.data.eval_keep, seed=cfg.data.eval_seed)
+
+
+def task_eval_set(cfg: CmoeConfig, bundle: ValidatedBundle) -> EvalSet:
+    """The evaluation set `keep_task_eval_set` would keep, in memory only (for in-process evaluation)."""
+    return eval_set_of(bundle, cache_dir=cfg.home / "cache", keep=cfg.data.eval_keep, seed=cfg.data.eval_seed)
 
 
 def kept_eval_sets(cfg: CmoeConfig, model: nn.Module, tasks: list[str] | None = None) -> list[EvalSet]:
