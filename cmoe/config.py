@@ -36,6 +36,10 @@ class BaseModelConfig(_Section):
     text_intermediate: int = 256  # dense MLP width; every upcycled expert has this width
     vocab_size: int = 512  # byte-level BPE: 256 byte tokens + merges + specials
     pretrain_samples: int = 8000  # synthetic captions / attribute notes in the pretraining corpus
+    # Share of the corpus's images drawn by the domain-randomised renderer (cmoe.data.varied:
+    # rotations, sizes, shades, backgrounds, clutter, fonts) instead of coin-mini's own, so that
+    # the base learns shapes, counts and letters rather than one renderer (docs/method.md, 1c).
+    varied_share: float = Field(0.5, ge=0.0, le=1.0)
     pretrain_epochs: int = 12
     pretrain_lr: float = 1e-3  # 2e-3 and 3e-3 plateau: colour naming stays at chance (measured)
     pretrain_batch_size: int = 64  # per-step overhead dominates at this size: bigger batches are cheaper
@@ -48,7 +52,9 @@ class BaseModelConfig(_Section):
 class MoEConfig(_Section):
     """Where the dense MLPs become CMoE layers and how tokens are routed (MoE-LLaVA defaults)."""
 
-    layers: Literal["every_other", "all"] | list[int] = "every_other"
+    # "all": every decoder layer is a CMoE layer, so *where* to grow is a choice among 4 on the tiny
+    # base (MoE-LLaVA's every_other gives 2); the MoE stage trains them all (docs/method.md, 1).
+    layers: Literal["every_other", "all"] | list[int] = "all"
     initial_experts: int = Field(4, ge=1)  # E0 copies of the dense MLP ("upcycling")
     top_k: int = Field(2, ge=1)
     aux_loss_coef: float = Field(0.01, ge=0.0)  # load-balancing loss weight
@@ -63,15 +69,23 @@ class MoEConfig(_Section):
 
 
 class ProbeConfig(_Section):
-    """PGKE: a short probe run that decides which layers need new experts."""
+    """PGKE: a short probe run that decides *when* a task needs new experts, and in which layers."""
 
-    steps: int = Field(60, ge=1)  # optimizer steps of probe training
+    # When: the new task's router first trains alone over the existing experts for `router_steps`
+    # (what the pool can do), then with a probe expert in every CMoE layer for `steps` more. The
+    # task grows only if the probes raise the held-out accuracy by at least `min_gain` points;
+    # otherwise it gets its router and locator VAE, and no expert. -100 = always grow.
+    router_steps: int = Field(20, ge=1)
+    min_gain: float = Field(2.0, ge=-100.0, le=100.0)
+    steps: int = Field(30, ge=1)  # optimizer steps of probe training (after the router-only steps)
     lr: float = 1e-3  # 2e-3+ destabilises this tiny model (measured on the base)
     batch_size: int = 32
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split
     tau: float | None = None  # fixed threshold; None = uniform share k / (E_l + 1)
     tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
-    max_layers_per_task: int | None = None  # cap on expanded layers per task; None = no cap
+    # Where, bounded: at most this share of the CMoE layers grows per task (rounded down, at least
+    # one), the highest-scoring first, so a task adds at most half of what naive expansion adds.
+    max_layer_share: float = Field(0.5, gt=0.0, le=1.0)
     # score >= ratio * tau adds 2 experts instead of 1; None = always 1. Off by default: on
     # coin-mini's tiny base most scores pass 2 * tau once the pool has grown (tau falls as experts
     # are added), and doubling then added more parameters than naive expansion (docs/method.md).
@@ -165,6 +179,10 @@ class FlowConfig(_Section):
     review_timeout_s: int = Field(7 * 24 * 3600, ge=1)  # an unanswered review fails the run (version stays pending)
     review_poll_s: int = Field(10, ge=1)  # how often a paused run checks for the reviewer's answer
     suspend_reviews: bool = False  # deployed runs only: suspend (frees the worker) instead of pausing
+    # Prefect global concurrency limit (one slot) every run that builds on the champion holds, so two
+    # candidates are never trained on one champion (flows/lineage_slot.py). Lineages (registered
+    # models) that share one Prefect server need a name each.
+    lineage_limit: str = Field("cmoe-lineage", pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 class CmoeConfig(_Section):
@@ -224,7 +242,9 @@ def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
                  "patch_size": 16, "vocab_size": 300, "pretrain_samples": 200, "pretrain_epochs": 1,
                  "pretrain_batch_size": 16, "moe_epochs": 1},
         "moe": {"layers": "all", "initial_experts": 2, "top_k": 1},
-        "probe": {"steps": 3, "batch_size": 16, "holdout_fraction": 0.25},
+        # every layer whose share reaches tau grows, whatever the gain: tests of growth stay about growth
+        "probe": {"router_steps": 2, "steps": 3, "batch_size": 16, "holdout_fraction": 0.25, "min_gain": -100.0,
+                  "max_layer_share": 1.0},
         "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2},
         "locator": {"epochs": 3, "hidden": 16, "latent_dim": 4},
         "eval": {"batch_size": 32, "max_new_tokens": 4},

@@ -69,7 +69,8 @@ def demo(
     suite, inbox = cfg.home / "suite", cfg.inbox or str(cfg.home / "inbox")
     if not (suite / "pretrain" / "task.yaml").is_file():
         console.print(f"synthesising coin-mini into {suite} …")
-        synth_suite(suite, seed=cfg.base.seed, n_train=train, n_test=test, n_pretrain=cfg.base.pretrain_samples)
+        synth_suite(suite, seed=cfg.base.seed, n_train=train, n_test=test, n_pretrain=cfg.base.pretrain_samples,
+                    varied_share=cfg.base.varied_share)
     for bundle in sorted(p for p in suite.iterdir() if p.name != "pretrain" and (p / "task.yaml").is_file()):
         deliver_bundle(bundle, inbox)
     if cfg.base.path is None:

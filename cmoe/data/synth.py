@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from cmoe.config import BaseModelConfig
+
 from cmoe.data.writer import Record, write_bundle
 
 # px; measured on a tiny LLaVA with 8-px patches: shape naming stalled at 60-76 % at 32 px,
@@ -286,10 +288,17 @@ def attribute_notes(s: Scene) -> dict[str, str]:
 PRETRAIN_STYLES = (plain_scene, multi_scene, card_scene, grid_scene)
 
 
-def _pretrain_records(rng: random.Random, n: int) -> list[Record]:
+PRETRAIN_KINDS = ("plain", "multi", "card", "grid")  # the scene kinds of PRETRAIN_STYLES, in order
+
+
+def _pretrain_records(rng: random.Random, n: int, varied_share: float = 0.0) -> list[Record]:
+    from cmoe.data.varied import varied_scene  # varied builds on this module's scenes: import when used
+
     out = []
     for i in range(n):
-        s = PRETRAIN_STYLES[i % len(PRETRAIN_STYLES)](rng)
+        k = i % len(PRETRAIN_STYLES)
+        varied = varied_share > 0 and rng.random() < varied_share  # share 0: coin-mini's renderer, bit for bit
+        s = varied_scene(rng, PRETRAIN_KINDS[k]) if varied else PRETRAIN_STYLES[k](rng)
         if rng.random() < 0.4:
             out.append(Record(s.image, rng.choice(CAPTION_PROMPTS), caption(s)))
         else:
@@ -325,10 +334,15 @@ def caption_attributes(text: str) -> list[str]:
     return found
 
 
-def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 8000, n_test: int = 300) -> Path:
-    """Write the captioning corpus the tiny base is pretrained on (every style, every attribute)."""
-    pre = {split: _pretrain_records(random.Random(f"{seed}/pretrain/{split}"), n)
-           for split, n in (("train", n_train), ("test", n_test))}
+def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 8000, n_test: int = 300,
+                          varied_share: float = 0.0) -> Path:
+    """Write the captioning corpus the tiny base is pretrained on (every style, every attribute).
+
+    A `varied_share` of the training images is drawn by `cmoe.data.varied` (domain-randomised);
+    the test split stays coin-mini's renderer, so held-out scores compare across corpora.
+    """
+    pre = {"train": _pretrain_records(random.Random(f"{seed}/pretrain/train"), n_train, varied_share),
+           "test": _pretrain_records(random.Random(f"{seed}/pretrain/test"), n_test)}
     spec = {"name": "pretrain-captions", "format_version": 1, "metric": "exact_match",
             "description": "Captions naming colour, shape, count, letter and region of every image style."}
     return write_bundle(Path(out), spec, pre)
@@ -336,7 +350,7 @@ def write_pretrain_corpus(out: Path, seed: int = 0, n_train: int = 8000, n_test:
 
 def synth_suite(
     out: Path, suite: str = "coin-mini", seed: int = 0, n_train: int = 1200, n_test: int = 200,
-    n_pretrain: int = 8000,
+    n_pretrain: int = 8000, varied_share: float = BaseModelConfig().varied_share,
 ) -> list[Path]:
     """Write the suite's task bundles (`NN-name/`, in order) and `pretrain/` under `out`."""
     if suite not in SUITES:
@@ -350,6 +364,6 @@ def synth_suite(
                 for split, n in (("train", n_train), ("test", n_test))}
         spec = {"name": task.name, "description": task.description, "format_version": 1, "metric": task.metric}
         paths.append(write_bundle(out / f"{i + 1:02d}-{task.name}", spec, recs))
-    write_pretrain_corpus(out / "pretrain", seed, n_pretrain)
+    write_pretrain_corpus(out / "pretrain", seed, n_pretrain, varied_share=varied_share)
     return paths
 

@@ -30,6 +30,11 @@ class Encoded:
     input_ids: torch.Tensor  # (T,) prompt (+ answer + eos when training)
     labels: torch.Tensor  # (T,) IGNORE except answer tokens
 
+    def prompt(self) -> Encoded:
+        """The example as inference sees it: image + prompt, the answer tokens left out."""
+        keep = self.labels == IGNORE
+        return Encoded(self.pixel_values, self.input_ids[keep], self.labels[keep])
+
 
 class VLProcessor:
     """Image preprocessing + tokenisation + image-token expansion for a LLaVA-style checkpoint."""

@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from cmoe.config import CmoeConfig
+from cmoe.redact import redact_uri
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
 
 Decision = Literal["approved", "rejected", "pending_review"]
@@ -315,20 +316,31 @@ class Registry:
         return self._info(mv)
 
     def versions(self) -> list[VersionInfo]:
-        """Every version of the registered model, oldest first."""
+        """Every version of the registered model, oldest first (none before the first registration).
+
+        A registry that cannot be read is a RegistryError, never "no versions": callers decide
+        what to train on and what to promote from this.
+        """
         try:
             found = self.client.search_model_versions(f"name = '{self.model_name}'")
-        except MlflowException:
-            return []
+        except MlflowException as err:
+            raise self._unreadable("its versions", err) from None
         return sorted((self._info(mv) for mv in found), key=lambda v: v.version)
 
     def aliases(self) -> dict[str, int]:
-        """{alias: version} of the registered model (empty before the first registration)."""
+        """{alias: version} of the registered model (empty before the first registration only:
+        an unreadable registry is a RegistryError, never "no champion")."""
         try:
             model = self.client.get_registered_model(self.model_name)
-        except MlflowException:
-            return {}
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise self._unreadable("its aliases", err) from None
         return {alias: int(v) for alias, v in (model.aliases or {}).items()}
+
+    def _unreadable(self, what: str, err: MlflowException) -> RegistryError:
+        return RegistryError(f"cannot read model {self.model_name!r}'s {what} from {redact_uri(self.tracking_uri)}: "
+                             f"{redact_uri(err.message.splitlines()[0][:300])}")
 
     @staticmethod
     def _info(mv: Any) -> VersionInfo:
@@ -439,7 +451,8 @@ class Registry:
         try:
             model = mlflow.pyfunc.load_model(model_uri, model_config=self._model_config)
         except MlflowException as err:  # e.g. no champion yet
-            raise RegistryError(f"cannot load {model_uri} from {self.tracking_uri}: {err.message}") from None
+            raise RegistryError(f"cannot load {model_uri} from {redact_uri(self.tracking_uri)}: "
+                                f"{redact_uri(err.message)}") from None
         return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
 
     def champion(self) -> Champion | None:

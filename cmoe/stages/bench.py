@@ -42,23 +42,30 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
     parent: Path | None = None
     history: list[dict[str, float]] = []
     report = None
+    experts, probe_s, expand_s = [], 0.0, 0.0
     for i, bundle in enumerate(bundles):
         step = out / f"{i + 1:02d}-{bundle.name}"
+        t_probe = time.perf_counter()
         if method == "cmoe":
             plan = run_probe(cfg, bundle, parent, step / "probe")
         else:  # naive-expand, single-router: one expert in every CMoE layer, no probe
             plan = naive_plan(cfg, bundle, parent, step / "probe")
+        probe_s += time.perf_counter() - t_probe
+        experts.append(sum(plan.plan.values()))
         variant = "single-router" if method == "single-router" else "cmoe"
         kept = keep_task_eval_set(cfg, bundle, str(out / "evalsets"))
         expanded = run_expand(cfg, bundle, parent, plan, step / "expand", eval_set=kept, copy_base=False,
                               variant=variant)
+        expand_s += expanded.wall_s
         report = run_evaluate(cfg, Path(expanded.state_dir), step / "eval", history)
         history.append(report.acc)
         if parent is not None:
             shutil.rmtree(parent.parent)  # keep only the newest state of the lineage on disk
         parent = Path(expanded.state_dir)
     assert report is not None
-    return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0)
+    # Experts each task added, and PGKE's price: probe wall time as a share of the expansions'.
+    return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0,
+                  experts_added=experts, probe_cost=probe_s / expand_s if method == "cmoe" else None)
 
 
 def run_seq_ft(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dict:
@@ -105,11 +112,13 @@ def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dic
 
 
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
-           params_added: list[int], t0: float) -> dict:
+           params_added: list[int], t0: float, experts_added: list[int] | None = None,
+           probe_cost: float | None = None) -> dict:
     return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "mfn": metrics.avg_acc(matrix),
             "bwt": metrics.bwt(matrix),
             "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "mft": metrics.mft(matrix),
             "locator_acc": locator_acc, "params_total": params_total, "params_added": params_added,
+            "experts_added": experts_added or [0] * len(params_added), "probe_cost": probe_cost,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -125,13 +134,14 @@ def mean_over_seeds(entries: list[dict]) -> dict:
     def spread(values: list) -> list | None:
         return None if any(v is None for v in values) else [min(values), max(values)]
 
-    summaries = [k for k in entries[0] if k not in ("acc_matrix", "params_added")]
+    per_task = [k for k in ("params_added", "experts_added") if k in entries[0]]  # one number per task
+    summaries = [k for k in entries[0] if k != "acc_matrix" and k not in per_task]
     rows = zip(*(e["acc_matrix"] for e in entries))
     out = {"acc_matrix": [[mean(list(col)) for col in zip(*row)] for row in rows],
            **{k: mean([e[k] for e in entries]) for k in summaries},
-           "params_added": [mean(list(col)) for col in zip(*(e["params_added"] for e in entries))]}
+           **{k: [mean(list(col)) for col in zip(*(e[k] for e in entries))] for k in per_task}}
     out["range"] = {**{k: spread([e[k] for e in entries]) for k in summaries},
-                    "params_added": spread([sum(e["params_added"]) for e in entries])}
+                    **{k: spread([sum(e[k]) for e in entries]) for k in per_task}}
     out["per_seed"] = entries
     return out
 
@@ -173,9 +183,11 @@ def results_markdown(results: dict) -> str:
     methods = results["methods"].items()
     summary = TextTable(
         ["method", "Avg (MFN) %", "MFT %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added",
-         "wall s"],
+         "experts added", "probe cost", "wall s"],
         [[name, *(cell(m[k]) for k in ("avg_acc", "mft", "bwt", "forgetting", "maa", "locator_acc")),
-          f"{m['params_total']:,}", f"{sum(m['params_added']):,}", f"{m['wall_s']:.0f}"] for name, m in methods])
+          f"{m['params_total']:,}", f"{sum(m['params_added']):,}",
+          " / ".join(f"{n:g}" for n in m["experts_added"]), cell(m["probe_cost"], ".0%"), f"{m['wall_s']:.0f}"]
+         for name, m in methods])
     final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
     return (f"Tasks, in order: {', '.join(results['tasks'])}\n\n{summary.markdown()}\n\n"
             f"Final accuracy per task (%):\n\n{final.markdown()}\n" + seeds_markdown(results))

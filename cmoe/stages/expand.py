@@ -23,7 +23,6 @@ from cmoe.model.cmoe_layer import (
 )
 from cmoe.model.inference import device_of
 from cmoe.model.locator import drop_tokens, fit_task_vae, image_features, text_features
-from cmoe.model.processor import IGNORE, Encoded
 from cmoe.model.routing import route
 from cmoe.model.state import save_state
 from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, record_task
@@ -69,8 +68,7 @@ def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConf
     t0 = time.perf_counter()
     lc = cfg.locator
     # The locator sees what inference sees: image + prompt, never the answer tokens.
-    prompts = [Encoded(e.pixel_values, e.input_ids[e.labels == IGNORE], e.labels[e.labels == IGNORE])
-               for e in data.encoded]
+    prompts = [e.prompt() for e in data.encoded]
     gen = torch.Generator().manual_seed(cfg.expand.seed)  # the same copies on every rank and every run
     feats = []
     for i in range(0, len(prompts), cfg.eval.batch_size):

@@ -80,7 +80,8 @@ def build_base(
     out = Path(out)
     with tempfile.TemporaryDirectory() as tmp:
         if corpus is None:
-            corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples)
+            corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples,
+                                           varied_share=cfg.varied_share)
         cache_dir = cache_dir or Path(tmp) / "cache"
         bundle = open_bundle(corpus, cache_dir=cache_dir)  # validated and hashed once
         recipe = _recipe(cfg, moe, bundle.sha256)

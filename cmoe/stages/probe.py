@@ -1,10 +1,13 @@
-"""PGKE probe: decide *where* task t needs new experts before paying for the expansion.
+"""PGKE probe: decide *when* task t needs new experts, and *where*, before paying for the expansion.
 
-A temporary probe expert (a trainable copy of the layer's most-used expert) is attached to every
-CMoE layer and trained briefly, together with task t's new router, on a slice of task t's training
-data. On a held-out slice of the same *training* split, each layer is scored by the share of
-tokens whose top-k includes the probe: a router that sends many tokens to the probe says the
-existing experts do not serve this task there. Layer l is expanded iff score >= tau_l.
+When: task t's new router first trains alone over the experts the lineage has, for a few steps;
+its held-out accuracy is what the existing pool can do for the task. Then a temporary probe
+expert (a trainable copy of the layer's most-used expert) is attached to every CMoE layer and
+trained, with the router, for a few steps more. If the probes raise the held-out accuracy by less
+than `probe.min_gain` points, the task is one the pool already serves: the plan is empty and the
+expansion trains its router only. Where: on the held-out slice of the same *training* split, each
+layer is scored by the share of tokens whose top-k includes the probe; layer l is expanded iff
+score >= tau_l, the highest scores first, at most `probe.max_layer_share` of the layers.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
     add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, probe_state, record_routing, trainable_parameters,
 )
-from cmoe.model.inference import device_of
+from cmoe.model.inference import decode, device_of
+from cmoe.model.processor import IGNORE
 from cmoe.model.routing import route
-from cmoe.stages.common import load_train, moe_loss, open_lineage, split_holdout
+from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, split_holdout
+from cmoe.stages.metrics import score
 from cmoe.stages.trainer import TrainSpec, train
 
 PROBE_FILE = "probe.safetensors"  # trained probes + router: the expansion's warm start
@@ -45,6 +50,14 @@ class ProbeReport:
     chart_png: str
     probe_file: str | None  # None for a plan made without probing (naive-expand)
     train: dict | None = None
+    # Held-out accuracy (percent) and answer loss of the router alone over the existing experts, then
+    # with the probes; the probes' gain = acc_probes - acc_pool, in points; gain < probe.min_gain ->
+    # empty plan ("when"). None for a plan made without probing.
+    acc_pool: float | None = None
+    acc_probes: float | None = None
+    gain: float | None = None
+    loss_pool: float | None = None
+    loss_probes: float | None = None
 
 
 def threshold(cfg: CmoeConfig, experts_before: int) -> float:
@@ -53,12 +66,14 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
     return tau * cfg.probe.tau_scale
 
 
-def make_plan(cfg: CmoeConfig, scores: dict[int, dict]) -> dict[int, int]:
-    """Layers whose score reaches tau get 1 expert (2 when >= ratio * tau), capped per task."""
+def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float) -> dict[int, int]:
+    """No layer when the probes' gain (points) is below min_gain; else the layers whose score reaches tau get
+    1 expert (2 when >= ratio * tau), the highest scores first, at most max_layer_share of them."""
+    if gain < cfg.probe.min_gain:
+        return {}
     chosen = sorted((s["share"], layer) for layer, s in scores.items() if s["share"] >= s["tau"])
-    chosen.reverse()  # highest score first, so a cap keeps the layers that need it most
-    if cfg.probe.max_layers_per_task is not None:
-        chosen = chosen[: cfg.probe.max_layers_per_task]
+    chosen.reverse()  # highest score first, so the cap keeps the layers that need it most
+    chosen = chosen[: max(1, math.floor(cfg.probe.max_layer_share * len(scores)))]
     ratio = cfg.probe.double_expert_ratio
     return {layer: 2 if ratio is not None and share >= ratio * scores[layer]["tau"] else 1
             for share, layer in chosen}
@@ -85,23 +100,37 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     fit = [data.encoded[i] for i in fit_idx]
     held = [data.encoded[i] for i in held_idx]
 
-    with route(model, [name]), torch.no_grad(), record_routing(model):
-        _forward_all(model, processor, held[: 4 * cfg.probe.batch_size], cfg.probe.batch_size)
-    attach_probes(model)  # copies of each layer's most-used expert under the new router
+    def spec(steps: int, what: str) -> TrainSpec:
+        return TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.expand.seed,
+                         deepspeed_config=cfg.expand.deepspeed_config, desc=f"{what} {name}")
 
-    spec = TrainSpec(steps=cfg.probe.steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr,
-                     seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config, desc=f"probe {name}")
     with route(model, [name]):
+        # When, part 1: what the existing pool does for this task with a trained router.
         model.train()
-        result = train(model, trainable_parameters(model), fit, processor.collate, moe_loss, spec)
+        pool = train(model, trainable_parameters(model), fit, processor.collate, moe_loss,
+                     spec(cfg.probe.router_steps, "probe router"))
         model.eval()
-        with torch.no_grad(), record_routing(model):
+        loss_pool = heldout_loss(model, processor, held, cfg.probe.batch_size)
+        acc_pool = heldout_accuracy(model, processor, data, held_idx, cfg)
+        with record_routing(model):  # which expert each layer's trained router leans on most
+            _forward_all(model, processor, held[: 4 * cfg.probe.batch_size], cfg.probe.batch_size)
+        attach_probes(model)  # copies of those experts, each behind a new router column
+
+        # When, part 2, and where: the probes train beside the router; how much do they help, where?
+        model.train()
+        result = train(model, trainable_parameters(model), fit, processor.collate, moe_loss,
+                       spec(cfg.probe.steps, "probe"))
+        model.eval()
+        loss_probes = heldout_loss(model, processor, held, cfg.probe.batch_size)
+        acc_probes = heldout_accuracy(model, processor, data, held_idx, cfg)
+        with record_routing(model):
             _forward_all(model, processor, held, cfg.probe.batch_size)
     raw = probe_scores(model)
+    gain = acc_probes - acc_pool
 
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
                   "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
-    plan = make_plan(cfg, scores)
+    plan = make_plan(cfg, scores, gain)
     per_expert = expert_size(model)
     params_to_add = sum(plan.values()) * per_expert
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)
@@ -110,13 +139,34 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     save_file(probe_state(model), str(out_dir / PROBE_FILE))
     report = ProbeReport(
         task=name, bundle_sha256=bundle.sha256, tau=scores[min(scores)]["tau"],
+        acc_pool=acc_pool, acc_probes=acc_probes, gain=gain, loss_pool=loss_pool, loss_probes=loss_probes,
         scores={str(k): v for k, v in scores.items()}, plan={str(k): v for k, v in plan.items()},
         params_to_add=params_to_add, est_train_s=est, report_json=str(out_dir / "probe.json"),
-        chart_png=str(out_dir / "probe.png"), probe_file=str(out_dir / PROBE_FILE), train=asdict(result),
+        chart_png=str(out_dir / "probe.png"), probe_file=str(out_dir / PROBE_FILE),
+        train={**asdict(result), "router_only": asdict(pool)},
     )
     Path(report.report_json).write_text(json.dumps(asdict(report), indent=2))
     plot_scores(report, Path(report.chart_png))
     return report
+
+
+def heldout_accuracy(model: torch.nn.Module, processor, data: TaskData, idx: list[int], cfg: CmoeConfig) -> float:
+    """Percent of the held-out rows `idx` answered right (greedy, scored by the task's metric)."""
+    preds = decode(model, processor, [data.encoded[i].prompt() for i in idx], batch_size=cfg.eval.batch_size,
+                   max_new_tokens=cfg.eval.max_new_tokens).answers
+    return 100 * sum(score(p, data.answers[i], data.spec.metric) for p, i in zip(preds, idx)) / max(len(idx), 1)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, processor, examples: list, batch_size: int) -> float:
+    """Mean LM loss per answer token over `examples` (the probe's held-out slice)."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = processor.collate(examples[i:i + batch_size], device=device_of(model))
+        n = int((batch["labels"][:, 1:] != IGNORE).sum())  # HF shifts labels by one: the tokens it scores
+        total += float(model(**batch).loss) * n
+        tokens += n
+    return total / max(tokens, 1)
 
 
 @torch.no_grad()

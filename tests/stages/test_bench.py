@@ -30,7 +30,7 @@ N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
 BENCH_BASE = {"pretrain_epochs": 60, "pretrain_lr": 3e-3}
 BENCH = {"moe": {"top_k": 2}, "expand": {"epochs": 12}, "eval": {"max_new_tokens": 8}}
 RUN_KEYS = {"acc_matrix", "avg_acc", "mfn", "bwt", "forgetting", "maa", "mft", "locator_acc", "params_total",
-            "params_added", "wall_s"}
+            "params_added", "experts_added", "probe_cost", "wall_s"}
 ENTRY_KEYS = RUN_KEYS | {"range", "per_seed"}  # means over seeds, their [min, max], each seed's run
 SEQUENTIAL = ("cmoe", "naive-expand", "single-router", "seq-ft")
 

@@ -153,27 +153,45 @@ def test_threshold_follows_config_tau_and_scale(make_cfg) -> None:
     assert threshold(make_cfg(probe={"tau": 0.4}), experts_before=3) == pytest.approx(0.4)
 
 
+GAIN = 50.0  # accuracy points the probes added, far above any min_gain: the "where" tests below are about tau
+ALL_LAYERS = {"max_layer_share": 1.0}
+
+
 def test_layers_below_tau_get_nothing_and_an_empty_plan_is_allowed(make_cfg) -> None:
-    assert make_plan(make_cfg(), scores(0.1, 0.2499, 0.0)) == {}
+    assert make_plan(make_cfg(), scores(0.1, 0.2499, 0.0), GAIN) == {}
+
+
+def test_a_gain_below_min_gain_empties_the_plan_whatever_the_shares(make_cfg) -> None:
+    cfg = make_cfg(probe={**ALL_LAYERS, "min_gain": 2.0})
+    assert make_plan(cfg, scores(0.9, 0.8), gain=1.99) == {}
+    assert make_plan(cfg, scores(0.9, 0.8), gain=-5.0) == {}  # the probes made it worse
+    assert make_plan(cfg, scores(0.9, 0.8), gain=2.0) == {0: 1, 1: 1}
 
 
 def test_one_expert_at_tau_and_two_at_the_double_ratio(make_cfg) -> None:
-    uncapped = {"max_layers_per_task": None, "double_expert_ratio": 2.0}
-    plan = make_plan(make_cfg(probe=uncapped), scores(0.25, 0.49, 0.5, 0.9, 0.2))
+    uncapped = {**ALL_LAYERS, "double_expert_ratio": 2.0}
+    plan = make_plan(make_cfg(probe=uncapped), scores(0.25, 0.49, 0.5, 0.9, 0.2), GAIN)
     assert plan == {0: 1, 1: 1, 2: 2, 3: 2}
-    assert make_plan(make_cfg(probe={**uncapped, "double_expert_ratio": 3.0}), scores(0.5, 0.75)) == {0: 1, 1: 2}
+    assert make_plan(make_cfg(probe={**uncapped, "double_expert_ratio": 3.0}), scores(0.5, 0.75), GAIN) == {0: 1, 1: 2}
 
 
-def test_by_default_every_layer_at_tau_gets_exactly_one_expert(make_cfg) -> None:
-    assert make_plan(make_cfg(), scores(0.3, 0.8, 0.1, 0.4, 0.6)) == {0: 1, 1: 1, 3: 1, 4: 1}
+def test_every_layer_at_tau_gets_exactly_one_expert_when_uncapped(make_cfg) -> None:
+    assert make_plan(make_cfg(probe=ALL_LAYERS), scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN) == {0: 1, 1: 1, 3: 1, 4: 1}
 
 
 def test_each_layer_is_held_to_its_own_tau(make_cfg) -> None:
     # the same share passes a layer with many experts (low tau) and fails one with few (high tau)
     hand = {0: {"share": 0.3, "tau": 0.5}, 1: {"share": 0.3, "tau": 0.2}, 2: {"share": 0.2, "tau": 0.2}}
-    assert make_plan(make_cfg(), hand) == {1: 1, 2: 1}
+    assert make_plan(make_cfg(probe=ALL_LAYERS), hand, GAIN) == {1: 1, 2: 1}
 
 
-def test_the_layer_cap_keeps_the_highest_scores(make_cfg) -> None:
-    plan = make_plan(make_cfg(probe={"max_layers_per_task": 2, "double_expert_ratio": 2.0}), scores(0.3, 0.8, 0.1, 0.4, 0.6))
+def test_at_most_the_layer_share_grows_the_highest_scores_first(make_cfg) -> None:
+    # five layers, four above tau: half of five rounds down to two
+    assert make_plan(make_cfg(probe={"max_layer_share": 0.5}), scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN) == {1: 1, 4: 1}
+    assert make_plan(make_cfg(probe={"max_layer_share": 0.1}), scores(0.3, 0.8), GAIN) == {1: 1}  # at least one
+
+
+def test_the_layer_cap_keeps_the_highest_scores_with_doubling(make_cfg) -> None:
+    plan = make_plan(make_cfg(probe={"max_layer_share": 0.4, "double_expert_ratio": 2.0}),
+                     scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN)
     assert plan == {1: 2, 4: 2}
