@@ -15,14 +15,16 @@ lineage keeps evaluation sets, never training data, and no later task reads this
 (docs/data-lifecycle.md).
 
 The candidate always builds on the MLflow `champion`. Each stage writes into
-`<home>/runs/<bundle sha256>-<parent>/<stage>/` and marks itself finished with `done.json`, so a
-failed or killed run, started again for the same bundle and champion, resumes at the first stage
-that did not finish. A review (and, with `review_plan: true`, the expansion plan after the probe)
-waits for one answer, from the Prefect UI or `cmoe review approve|reject`: see `flows/review.py`.
+`<home>/runs/<bundle sha256>-<parent>-<config hash>/<stage>/` and marks itself finished with
+`done.json`, so a failed or killed run, started again for the same bundle and champion under a
+config with the same results (`stage_key`), resumes at the first stage that did not finish. A
+review (and, with `review_plan: true`, the expansion plan after the probe) waits for one answer,
+from the Prefect UI or `cmoe review approve|reject`: see `flows/review.py`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -46,6 +48,7 @@ from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.files import write_text_atomic
 from cmoe.registry import EVAL_SET_TAG, REMOVED_TAG, TRAIN_SHA_TAG, Champion, Registry, VersionInfo, held_versions
 from cmoe.stages.report import Row, accuracy_table, cell
+from flows.lineage_slot import lineage_slot
 from flows.review import review_plan, settle
 
 if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks that run them
@@ -90,9 +93,20 @@ class TaskOutcome:
 
 
 # ---------------------------------------------------------------------------- resumable stages
-def stage_key(bundle_sha256: str, parent_version: int | None) -> str:
-    """Identity of one task arrival: the same bundle on the same champion is the same work."""
-    return f"{bundle_sha256[:16]}-v{parent_version or 0}"
+# Config fields that change no stage's result: where things are kept, what happens to the inbox
+# copy, how often training checkpoints, how the processes are placed. Every other value of the
+# sections below does (the base, where and how experts grow, the locator, decoding, what is kept).
+_NOT_RESULTS = {"data": {"eval_store", "keep_train_cache", "after_decision"},
+                "expand": {"checkpoint_every", "nproc_per_node", "hostfile"}}
+_RESULT_SECTIONS = ("base", "moe", "probe", "expand", "locator", "eval", "data")
+
+
+def stage_key(bundle_sha256: str, parent_version: int | None, cfg: CmoeConfig) -> str:
+    """Identity of one task arrival: the same bundle on the same champion, under a config that gives
+    the same results, is the same work (its finished stages are reused); any other config is new work."""
+    dump = cfg.model_dump(mode="json", include=set(_RESULT_SECTIONS), exclude=_NOT_RESULTS)
+    digest = hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()
+    return f"{bundle_sha256[:16]}-v{parent_version or 0}-c{digest[:10]}"
 
 
 def resumable(out: Path, result_type: type[T], compute: Callable[[Path], T]) -> T:
@@ -231,7 +245,13 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
     registry = Registry(cfg)
     bundle = fetch.with_options(retries=cfg.flow.fetch_retries, retry_delay_seconds=cfg.flow.retry_delay_s)(
         bundle_uri, cfg.home / "cache")
+    # From reading the champion to deciding the candidate, no other run may build on the same champion.
+    with lineage_slot(cfg.flow.lineage_limit):
+        return learn_task(cfg, registry, bundle)
 
+
+def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> TaskOutcome:
+    """The body of `continual_task` once the bundle is validated, run while holding the lineage's slot."""
     # The candidate builds on the champion; the pair (bundle, champion) names this arrival's work.
     champion = registry.champion()
     parent = champion.version if champion else None
@@ -243,7 +263,7 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
     # A renamed copy of an old task's data is refused here, before anything is recorded or trained
     # (the stages' own guard would refuse it too, but only after the MLflow run had started).
     check_not_learned(bundle, {v.train_sha256: v.task for v in lineage if v.train_sha256})
-    key = stage_key(bundle.sha256, parent)
+    key = stage_key(bundle.sha256, parent, cfg)
     runs = cfg.home / "runs" / key
     run_id = registry.start_task_run(key, bundle.name, bundle.sha256, parent, cfg.model_dump(mode="json"),
                                      tags={"prefect_flow_run_id": str(flow_run.id)})

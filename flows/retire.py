@@ -39,6 +39,7 @@ from cmoe.registry import REMOVED_TAG, RETIRED_TAG, Champion, Registry, VersionI
 from flows.continual import (
     Candidate, TaskOutcome, decision_markdown, evaluate, gate, headline, resumable, review_markdown, stage_task,
 )
+from flows.lineage_slot import lineage_slot
 from flows.review import settle
 
 if TYPE_CHECKING:  # the stage (torch) is imported inside the task that runs it
@@ -78,7 +79,12 @@ def forget_eval_set(cfg: CmoeConfig, learned: VersionInfo, registry: Registry, v
 def retire_task(task: str, config_path: str | None = None) -> TaskOutcome:
     """Retire `task` from the champion, then approve, reject or ask a reviewer; approved, delete its evaluation set."""
     cfg = load_config(config_path)
-    registry = Registry(cfg)
+    with lineage_slot(cfg.flow.lineage_limit):  # no arrival may build on the champion meanwhile
+        return retire_from_champion(cfg, Registry(cfg), task)
+
+
+def retire_from_champion(cfg: CmoeConfig, registry: Registry, task: str) -> TaskOutcome:
+    """The body of `retire_task`, run while holding the lineage's slot."""
     champion = registry.champion()
     if champion is None:
         raise ValueError("no champion yet: there is no task to retire")
