@@ -75,9 +75,9 @@ class ProbeConfig(_Section):
     # (what the pool can do), then with a probe expert in every CMoE layer for `steps` more. The
     # task grows only if the probes raise the held-out accuracy by at least `min_gain` points;
     # otherwise it gets its router and locator VAE, and no expert. -100 = always grow.
-    router_steps: int = Field(20, ge=1)
-    min_gain: float = Field(2.0, ge=-100.0, le=100.0)
-    steps: int = Field(30, ge=1)  # optimizer steps of probe training (after the router-only steps)
+    router_steps: int = Field(10, ge=1)
+    min_gain: float = Field(5.0, ge=-100.0, le=100.0)
+    steps: int = Field(20, ge=1)  # optimizer steps of probe training (after the router-only steps)
     lr: float = 1e-3  # 2e-3+ destabilises this tiny model (measured on the base)
     batch_size: int = 32
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split

@@ -1,6 +1,6 @@
 """Imports point down the layers of docs/architecture.md, and MLflow and Prefect stay in their own layers.
 
-data < model < stages < registry < flows < cli; the foundation modules (config, env, files, net)
+data < model < stages < registry < flows < cli; the foundation modules (config, env, files, net, redact)
 sit below them all and import none. The registry is the only MLflow code; Prefect is imported
 by the flows and the CLI only.
 """
@@ -13,7 +13,7 @@ import pytest
 from import_graph import ROOT, imported_modules
 
 ORDER = ("cmoe.data", "cmoe.model", "cmoe.stages", "cmoe.registry", "flows", "cmoe.cli")  # bottom to top
-FOUNDATION = ("cmoe.config", "cmoe.env", "cmoe.files", "cmoe.net")
+FOUNDATION = ("cmoe.config", "cmoe.env", "cmoe.files", "cmoe.net", "cmoe.redact")
 THIRD_PARTY = {"cmoe.data": ("prefect", "mlflow"), "cmoe.model": ("prefect", "mlflow"),
                "cmoe.stages": ("prefect", "mlflow"), "cmoe.registry": ("prefect",)}
 

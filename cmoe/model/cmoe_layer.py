@@ -276,12 +276,24 @@ class CMoELayer(nn.Module):
     def add_router(self) -> None:
         """Add the next task's router over all current experts, warm-started from the last one (or the base router) [8]."""
         self._no_probe("add a router")
+        self.routers.append(nn.Parameter(self._router_from(self.routers[-1] if len(self.routers) else None)))
+
+    def restart_router(self, source: int | None) -> None:
+        """Re-start the current (newest) router as a copy of router `source` (None: the base router) [8]."""
+        self._no_probe("restart a router")
+        old = self.routers[-1]
+        w = self._router_from(self.routers[source] if source is not None else None)
+        self.routers[-1] = nn.Parameter(w, requires_grad=old.requires_grad)
+
+    def _router_from(self, prev: torch.Tensor | None) -> torch.Tensor:
+        """A router over all current experts: `prev`'s columns (the base router's when None) for the experts
+        it knew, small random ones for the rest."""
         ref = next(self.experts[0].parameters())
         w = torch.randn(len(self.experts), self.hidden_size, device=ref.device, dtype=ref.dtype) * ROUTER_INIT_STD
-        prev = self.routers[-1].detach() if len(self.routers) else self.base_router
+        prev = prev.detach() if prev is not None else self.base_router
         if prev is not None:
             w[: prev.shape[0]] = prev
-        self.routers.append(nn.Parameter(w))
+        return w
 
     def add_expert(self, task: str, init: ExpertInit = "copy", source: int = 0) -> int:
         """Append an expert owned by `task` (copy of expert `source`, the probe, or random); its index."""
@@ -472,6 +484,15 @@ def add_task(model: nn.Module, name: str) -> int:
             layer.add_router()
     info.tasks.append(name)
     return len(info.tasks) - 1
+
+
+def restart_router(model: nn.Module, source: str) -> None:
+    """Start the current task's router, in every CMoE layer, from task `source`'s router (BASE: the base router's)."""
+    info = cmoe_info(model)
+    if source != BASE and source not in info.tasks[:-1]:
+        raise ValueError(f"no earlier task {source!r} to start a router from (tasks: {info.tasks[:-1]})")
+    for layer in cmoe_layers(model).values():
+        layer.restart_router(None if source == BASE else info.tasks.index(source))
 
 
 def add_expert(model: nn.Module, layer: int, init: ExpertInit = "copy", source: int = 0) -> int:

@@ -147,13 +147,9 @@ def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Mo
     `base_loader(dir) -> model` loads the dense base (default: a local LlavaForConditionalGeneration).
     """
     root = Path(path)
-    manifest = read_manifest(root)
-    base_dir = root / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
-    sha = _checked_base(base_dir, manifest["base"]["sha256"])
-    for task in manifest["tasks"]:
-        for kind, entry in manifest["deltas"][task].items():
-            _verify_delta(root / "tasks" / task / f"{kind}.safetensors", entry)
-
+    manifest = verify_state(root)
+    base_dir = base_folder(root, manifest)
+    sha = manifest["base"]["sha256"]
     model = (base_loader or _load_llava)(str(base_dir))
     moe = manifest["moe"]
     convert_to_cmoe(
@@ -168,6 +164,23 @@ def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Mo
     for t, task in enumerate(manifest["tasks"]):
         _apply_task(model, root, t, task, manifest)
     return model
+
+
+def verify_state(path: str | Path) -> dict:
+    """Check a state directory as a load would, without building the model: manifest fields, the
+    base's sha256, every delta's sha256 and tensors. Its manifest; StateError naming what is wrong."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    _checked_base(base_folder(root, manifest), manifest["base"]["sha256"])
+    for task in manifest["tasks"]:
+        for kind, entry in manifest["deltas"][task].items():
+            _verify_delta(root / "tasks" / task / f"{kind}.safetensors", entry)
+    return manifest
+
+
+def base_folder(root: Path, manifest: dict) -> Path:
+    """Where the state's base is: its own copy, or the path the manifest names."""
+    return root / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
 
 
 _REQUIRED = {  # section -> fields every load reads

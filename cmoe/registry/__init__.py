@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from cmoe.config import CmoeConfig
+from cmoe.model.state import StateError, verify_state
 from cmoe.redact import redact_uri
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
 
@@ -384,6 +385,8 @@ class Registry:
             # Approving it would silently drop what the current champion learned after its parent.
             raise RegistryError(f"version {version} builds on version {info.parent_version}, but the champion "
                                 f"is now {champion}: reject it and re-run its bundle")
+        if decision == "approved":
+            self.verify_loadable(version)  # the champion must load: never promote an incomplete state
         return info
 
     def decide_version(self, version: int, decision: Decision, by: str, reason: str) -> VersionInfo:
@@ -477,7 +480,21 @@ class Registry:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         artifacts = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
-        return model_dir / artifacts[STATE_ARTIFACT]["path"]
+        state = (model_dir / artifacts[STATE_ARTIFACT]["path"]).resolve()
+        if not state.is_relative_to(model_dir.resolve()):  # a crafted MLmodel must not point elsewhere
+            raise RegistryError(f"version {version}: its MLmodel names a state outside the model ({state})")
+        return state
+
+    def verify_loadable(self, version: int) -> Path:
+        """The version's state, downloaded from the artifact store and checked as a load checks it
+        (manifest, base hash, every delta's hash and tensors); RegistryError if it cannot be champion."""
+        try:
+            state = self.state_dir(version)
+            verify_state(state)
+        except (StateError, MlflowException, OSError, KeyError) as err:
+            raise RegistryError(f"version {version} cannot become champion: its state does not verify "
+                                f"({redact_uri(str(err))})") from None
+        return state
 
 
 def _verdict(param: str | None) -> Verdict | None:

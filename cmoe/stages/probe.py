@@ -1,13 +1,15 @@
 """PGKE probe: decide *when* task t needs new experts, and *where*, before paying for the expansion.
 
-When: task t's new router first trains alone over the experts the lineage has, for a few steps;
-its held-out accuracy is what the existing pool can do for the task. Then a temporary probe
-expert (a trainable copy of the layer's most-used expert) is attached to every CMoE layer and
-trained, with the router, for a few steps more. If the probes raise the held-out accuracy by less
+When: task t's new router starts from the earlier router that fits the task best (lowest held-out
+loss) and trains alone over the experts the lineage has, for a few steps; its held-out accuracy is
+what the existing pool can do for the task. Then a temporary probe expert (a trainable copy of the
+layer's most-used expert) is attached to every CMoE layer and trained, with the router, for a few
+steps more. If the probes raise the held-out accuracy by less
 than `probe.min_gain` points, the task is one the pool already serves: the plan is empty and the
 expansion trains its router only. Where: on the held-out slice of the same *training* split, each
-layer is scored by the share of tokens whose top-k includes the probe; layer l is expanded iff
-score >= tau_l, the highest scores first, at most `probe.max_layer_share` of the layers.
+layer is scored by the share of tokens whose top-k includes the probe; the layers with score >=
+tau_l grow, the highest scores first, at most `probe.max_layer_share` of the layers, and at least
+the best-scoring one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from safetensors.torch import save_file
 from cmoe.config import CmoeConfig
 from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
-    add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, probe_state, record_routing, trainable_parameters,
+    BASE, add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, probe_state, record_routing, restart_router,
+    trainable_parameters,
 )
 from cmoe.model.inference import decode, device_of
 from cmoe.model.processor import IGNORE
@@ -58,6 +61,9 @@ class ProbeReport:
     gain: float | None = None
     loss_pool: float | None = None
     loss_probes: float | None = None
+    # The earlier router (a task's, or "base") the new one started from, and the held-out loss each gave.
+    router_start: str | None = None
+    start_losses: dict[str, float] | None = None
 
 
 def threshold(cfg: CmoeConfig, experts_before: int) -> float:
@@ -67,12 +73,13 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
 
 
 def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float) -> dict[int, int]:
-    """No layer when the probes' gain (points) is below min_gain; else the layers whose score reaches tau get
-    1 expert (2 when >= ratio * tau), the highest scores first, at most max_layer_share of them."""
+    """No layer when the probes' gain (points) is below min_gain: the pool serves the task. Else the
+    layers whose score reaches tau, the highest first, at most max_layer_share of them, and at least
+    the best one (the task needs growth somewhere); 1 expert each (2 when >= ratio * tau)."""
     if gain < cfg.probe.min_gain:
         return {}
-    chosen = sorted((s["share"], layer) for layer, s in scores.items() if s["share"] >= s["tau"])
-    chosen.reverse()  # highest score first, so the cap keeps the layers that need it most
+    ranked = sorted(((s["share"], layer) for layer, s in scores.items()), reverse=True)
+    chosen = [(share, layer) for share, layer in ranked if share >= scores[layer]["tau"]] or ranked[:1]
     chosen = chosen[: max(1, math.floor(cfg.probe.max_layer_share * len(scores)))]
     ratio = cfg.probe.double_expert_ratio
     return {layer: 2 if ratio is not None and share >= ratio * scores[layer]["tau"] else 1
@@ -99,6 +106,8 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     fit_idx, held_idx = split_holdout(len(data.encoded), cfg.probe.holdout_fraction, cfg.expand.seed)
     fit = [data.encoded[i] for i in fit_idx]
     held = [data.encoded[i] for i in held_idx]
+
+    start, start_losses = start_router(model, processor, held, cfg.probe.batch_size)
 
     def spec(steps: int, what: str) -> TrainSpec:
         return TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.expand.seed,
@@ -140,6 +149,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     report = ProbeReport(
         task=name, bundle_sha256=bundle.sha256, tau=scores[min(scores)]["tau"],
         acc_pool=acc_pool, acc_probes=acc_probes, gain=gain, loss_pool=loss_pool, loss_probes=loss_probes,
+        router_start=start, start_losses=start_losses,
         scores={str(k): v for k, v in scores.items()}, plan={str(k): v for k, v in plan.items()},
         params_to_add=params_to_add, est_train_s=est, report_json=str(out_dir / "probe.json"),
         chart_png=str(out_dir / "probe.png"), probe_file=str(out_dir / PROBE_FILE),
@@ -148,6 +158,20 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     Path(report.report_json).write_text(json.dumps(asdict(report), indent=2))
     plot_scores(report, Path(report.chart_png))
     return report
+
+
+def start_router(model: torch.nn.Module, processor, held: list, batch_size: int) -> tuple[str, dict[str, float]]:
+    """Start the new task's router from the earlier router (each task's, and the base's) under which
+    its held-out loss is lowest: a task the lineage knows starts where its skill is [8]. (start, losses)."""
+    info = cmoe_info(model)
+    name, losses = info.current_task, {}
+    with route(model, [name]):
+        for source in [BASE, *info.tasks[:-1]]:
+            restart_router(model, source)
+            losses[source] = heldout_loss(model, processor, held, batch_size)
+        best = min(losses, key=losses.__getitem__)
+        restart_router(model, best)
+    return best, losses
 
 
 def heldout_accuracy(model: torch.nn.Module, processor, data: TaskData, idx: list[int], cfg: CmoeConfig) -> float:

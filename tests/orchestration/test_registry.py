@@ -14,21 +14,33 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 import pytest
 from PIL import Image
-from safetensors.torch import save_file
-import torch
 
 from cmoe.config import CmoeConfig
 from cmoe.registry import CANDIDATE, CHAMPION, Registry, RegistryError, Verdict
 
 
+_BASE: list[Path] = []  # the session's tiny base, for fake_state (set by the fixture below)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _share_base(base_dir: Path) -> None:
+    _BASE[:] = [base_dir]
+
+
 def fake_state(root: Path, tasks: list[str]) -> Path:
-    """A folder shaped like a CMoE state: a manifest and one safetensors delta per task."""
-    root.mkdir(parents=True)
-    (root / "cmoe.json").write_text(json.dumps({"format_version": 1, "tasks": tasks}))
+    """A complete CMoE state (base copied, manifest, deltas) that learned `tasks` without training:
+    what the registry stores and verifies, at the cost of a second."""
+    from cmoe.config import tiny_test_config
+    from cmoe.model.cmoe_layer import add_task
+    from cmoe.model.state import save_state
+    from cmoe.stages.common import open_lineage
+
+    cfg = tiny_test_config(root.parent / "state-home")
+    cfg.base.path = str(_BASE[0])
+    model, _ = open_lineage(cfg, None)
     for task in tasks:
-        (root / "tasks" / task).mkdir(parents=True)
-        save_file({"w": torch.zeros(2, 2)}, root / "tasks" / task / "router.safetensors")
-    return root
+        add_task(model, task)
+    return save_state(model, root, copy_base=True)
 
 
 RECORDED_TOKENS = 5  # the registering config's eval.max_new_tokens (not the default)
@@ -229,3 +241,14 @@ def test_an_unreachable_registry_is_an_error_never_no_champion(tmp_path: Path, m
         with pytest.raises(RegistryError, match="cannot read model 'cmoe'") as err:
             read()
         assert "SENTINEL_PW_7" not in str(err.value) and "reviewer:***@127.0.0.1" in str(err.value)
+
+
+def test_a_version_whose_stored_state_is_incomplete_is_never_promoted(fresh: Registry, tmp_path: Path) -> None:
+    version = register(fresh, tmp_path, "color", None, {"color": 90.0})
+    stored = next((tmp_path / "home" / "mlartifacts").rglob("tasks/color/router.safetensors"))
+    stored.unlink()  # the artifact store lost a delta (a partial upload, a pruned bucket)
+    with pytest.raises(RegistryError, match="version 1 cannot become champion: .*router.safetensors: delta file missing"):
+        fresh.decide_version(version, "approved", "ann", "looks good")
+    info = fresh.version(version)
+    assert info.decision == "pending_review" and CHAMPION not in fresh.aliases()
+    assert fresh.decide_version(version, "rejected", "ann", "its state is broken").decision == "rejected"

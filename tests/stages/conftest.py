@@ -52,6 +52,27 @@ def base_dir(tiny_base: Path) -> Path:
     return tiny_base
 
 
+# A base on which the tiny tasks are learned, not just run: the session's base (one pretraining
+# epoch) scores 0 % on every task. 60 epochs over the same tiny corpus (~15 s) give a base that can
+# spell the answer words; top-2 routing and 12 expansion epochs let a task learn its answer format
+# (measured: tests/stages/test_bench.py).
+LEARNING_BASE = {"pretrain_epochs": 60, "pretrain_lr": 3e-3}
+LEARNING = {"moe": {"top_k": 2}, "expand": {"epochs": 12}, "eval": {"max_new_tokens": 8}}
+
+
+@pytest.fixture(scope="session")
+def learning_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base of LEARNING_BASE (with LEARNING's MoE layout), built once per session."""
+    from cmoe.stages.pretrain import build_base
+
+    root = tmp_path_factory.mktemp("learning-base")
+    cfg = stage_config(root / "home", root / "base", **LEARNING)
+    cfg.base = cfg.base.model_copy(update=LEARNING_BASE)
+    built = build_base(cfg.base, root / "base", corpus=tiny_suite[0].parent / "pretrain", cache_dir=root / "cache",
+                       moe=cfg.moe)
+    return Path(built.path)
+
+
 @pytest.fixture
 def make_cfg(base_dir: Path, tmp_path: Path) -> Callable[..., CmoeConfig]:
     """make_cfg(probe={...}, gate={...}) -> a tiny config with its own home under tmp_path."""

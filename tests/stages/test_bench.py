@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cmoe.model.state import read_manifest
 from cmoe.stages.bench import METHODS, run_bench
 
-from .conftest import stage_config
+from .conftest import LEARNING, stage_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
@@ -27,8 +27,6 @@ N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
 #   seq-ft        [[31.25], [0.0, 25.0]]    BWT -31.25 (every seed)
 #   joint         final row [25.0, 25.0]
 # (cmoe with seed 1 draws an empty plan for task 1 and then learns nothing: 0 %.)
-BENCH_BASE = {"pretrain_epochs": 60, "pretrain_lr": 3e-3}
-BENCH = {"moe": {"top_k": 2}, "expand": {"epochs": 12}, "eval": {"max_new_tokens": 8}}
 RUN_KEYS = {"acc_matrix", "avg_acc", "mfn", "bwt", "forgetting", "maa", "mft", "locator_acc", "params_total",
             "params_added", "experts_added", "probe_cost", "wall_s"}
 ENTRY_KEYS = RUN_KEYS | {"range", "per_seed"}  # means over seeds, their [min, max], each seed's run
@@ -42,15 +40,10 @@ def uris(suite: list) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bench(uris: list[str], tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def bench(uris: list[str], learning_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Every method over the two tiny tasks, on a base and budget where the tasks are learned."""
-    from cmoe.stages.pretrain import build_base
-
     root = tmp_path_factory.mktemp("bench")
-    cfg = stage_config(root / "home", root / "base", **BENCH)
-    cfg.base = cfg.base.model_copy(update=BENCH_BASE)
-    build_base(cfg.base, root / "base", corpus=tiny_suite[0].parent / "pretrain", cache_dir=root / "cache",
-               moe=cfg.moe)
+    cfg = stage_config(root / "home", learning_base, **LEARNING)
     out = root / "out"
     return out, run_bench(cfg, uris, list(METHODS), out)
 

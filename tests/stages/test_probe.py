@@ -99,12 +99,14 @@ def test_default_tau_is_the_uniform_share_with_the_probe_counted(
     assert all(s["tau"] == pytest.approx(1 / 3) for s in report.scores.values())
 
 
-@pytest.mark.parametrize("tau, plan", [(0.0, {"0": 1, "1": 1}), (1.01, {})], ids=["every-layer", "none"])
-def test_the_stage_plans_by_the_configured_threshold(make_cfg, suite: list, tmp_path: Path, tau: float,
-                                                     plan: dict[str, int]) -> None:
-    """Whatever the scores: every share reaches tau 0 (one expert each by default), none exceeds 1."""
+@pytest.mark.parametrize("tau", [0.0, 1.01], ids=["every-layer", "none-reaches-it"])
+def test_the_stage_plans_by_the_configured_threshold(make_cfg, suite: list, tmp_path: Path, tau: float) -> None:
+    """Whatever the scores: every share reaches tau 0 (one expert each), none exceeds 1 (then only the
+    best-scoring layer grows: the tiny config's gain threshold says the task needs growth)."""
     cfg = make_cfg(probe={"tau": tau})
     report = run_probe(cfg, suite[0], None, tmp_path / "probe")
+    best = max(report.scores, key=lambda k: (report.scores[k]["share"], int(k)))  # ties: the later layer
+    plan = {"0": 1, "1": 1} if tau == 0.0 else {best: 1}
     assert report.plan == plan
     assert report.params_to_add == sum(plan.values()) * expert_size(open_lineage(cfg, None)[0])
 
@@ -157,8 +159,12 @@ GAIN = 50.0  # accuracy points the probes added, far above any min_gain: the "wh
 ALL_LAYERS = {"max_layer_share": 1.0}
 
 
-def test_layers_below_tau_get_nothing_and_an_empty_plan_is_allowed(make_cfg) -> None:
-    assert make_plan(make_cfg(), scores(0.1, 0.2499, 0.0), GAIN) == {}
+def test_layers_below_tau_get_nothing_when_another_reaches_it(make_cfg) -> None:
+    assert make_plan(make_cfg(), scores(0.1, 0.26, 0.0), GAIN) == {1: 1}
+
+
+def test_a_task_that_needs_growth_grows_its_best_layer_even_below_tau(make_cfg) -> None:
+    assert make_plan(make_cfg(), scores(0.1, 0.2499, 0.0), GAIN) == {1: 1}
 
 
 def test_a_gain_below_min_gain_empties_the_plan_whatever_the_shares(make_cfg) -> None:
