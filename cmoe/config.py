@@ -73,10 +73,13 @@ class ProbeConfig(_Section):
 
     # When: the new task's router first trains alone over the existing experts for `router_steps`
     # (what the pool can do), then with a probe expert in every CMoE layer for `steps` more. The
-    # task grows only if the probes raise the held-out accuracy by at least `min_gain` points;
-    # otherwise it gets its router and locator VAE, and no expert. -100 = always grow.
+    # task grows if the probes raise the held-out accuracy by `min_gain` points or more, or lower
+    # its held-out answer loss by `min_loss_drop` nats per token or more (a hard task learns its
+    # answers' loss before their argmax); otherwise it gets its router and locator VAE, and no
+    # expert. min_gain -100 = always grow.
     router_steps: int = Field(10, ge=1)
     min_gain: float = Field(5.0, ge=-100.0, le=100.0)
+    min_loss_drop: float = Field(0.5, ge=0.0)
     steps: int = Field(20, ge=1)  # optimizer steps of probe training (after the router-only steps)
     lr: float = 1e-3  # 2e-3+ destabilises this tiny model (measured on the base)
     batch_size: int = 32

@@ -5,8 +5,8 @@ loss) and trains alone over the experts the lineage has, for a few steps; its he
 what the existing pool can do for the task. Then a temporary probe expert (a trainable copy of the
 layer's most-used expert) is attached to every CMoE layer and trained, with the router, for a few
 steps more. If the probes raise the held-out accuracy by less
-than `probe.min_gain` points, the task is one the pool already serves: the plan is empty and the
-expansion trains its router only. Where: on the held-out slice of the same *training* split, each
+than `probe.min_gain` points and lower its answer loss by less than `probe.min_loss_drop` nats, the
+task is one the pool already serves: the plan is empty and the expansion trains its router only. Where: on the held-out slice of the same *training* split, each
 layer is scored by the share of tokens whose top-k includes the probe; the layers with score >=
 tau_l grow, the highest scores first, at most `probe.max_layer_share` of the layers, and at least
 the best-scoring one.
@@ -54,8 +54,8 @@ class ProbeReport:
     probe_file: str | None  # None for a plan made without probing (naive-expand)
     train: dict | None = None
     # Held-out accuracy (percent) and answer loss of the router alone over the existing experts, then
-    # with the probes; the probes' gain = acc_probes - acc_pool, in points; gain < probe.min_gain ->
-    # empty plan ("when"). None for a plan made without probing.
+    # with the probes; the probes' gain = acc_probes - acc_pool, in points; gain < probe.min_gain and
+    # loss_pool - loss_probes < probe.min_loss_drop -> empty plan ("when"). None without probing.
     acc_pool: float | None = None
     acc_probes: float | None = None
     gain: float | None = None
@@ -72,11 +72,12 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
     return tau * cfg.probe.tau_scale
 
 
-def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float) -> dict[int, int]:
-    """No layer when the probes' gain (points) is below min_gain: the pool serves the task. Else the
-    layers whose score reaches tau, the highest first, at most max_layer_share of them, and at least
-    the best one (the task needs growth somewhere); 1 expert each (2 when >= ratio * tau)."""
-    if gain < cfg.probe.min_gain:
+def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0) -> dict[int, int]:
+    """No layer when the probes' accuracy gain (points) is below min_gain and their loss drop (nats)
+    below min_loss_drop: the pool serves the task. Else the layers whose score reaches tau, the
+    highest first, at most max_layer_share of them, and at least the best one (the task needs growth
+    somewhere); 1 expert each (2 when >= ratio * tau)."""
+    if gain < cfg.probe.min_gain and loss_drop < cfg.probe.min_loss_drop:
         return {}
     ranked = sorted(((s["share"], layer) for layer, s in scores.items()), reverse=True)
     chosen = [(share, layer) for share, layer in ranked if share >= scores[layer]["tau"]] or ranked[:1]
@@ -139,7 +140,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
 
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
                   "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
-    plan = make_plan(cfg, scores, gain)
+    plan = make_plan(cfg, scores, gain, loss_pool - loss_probes)
     per_expert = expert_size(model)
     params_to_add = sum(plan.values()) * per_expert
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)

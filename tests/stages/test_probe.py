@@ -174,6 +174,13 @@ def test_a_gain_below_min_gain_empties_the_plan_whatever_the_shares(make_cfg) ->
     assert make_plan(cfg, scores(0.9, 0.8), gain=2.0) == {0: 1, 1: 1}
 
 
+def test_a_large_loss_drop_grows_the_task_even_without_an_accuracy_gain(make_cfg) -> None:
+    # a hard task: the probes cut its answer loss long before its greedy answers turn right
+    cfg = make_cfg(probe={**ALL_LAYERS, "min_gain": 2.0, "min_loss_drop": 0.5})
+    assert make_plan(cfg, scores(0.9, 0.8), gain=-2.5, loss_drop=0.5) == {0: 1, 1: 1}
+    assert make_plan(cfg, scores(0.9, 0.8), gain=1.0, loss_drop=0.49) == {}
+
+
 def test_one_expert_at_tau_and_two_at_the_double_ratio(make_cfg) -> None:
     uncapped = {**ALL_LAYERS, "double_expert_ratio": 2.0}
     plan = make_plan(make_cfg(probe=uncapped), scores(0.25, 0.49, 0.5, 0.9, 0.2), GAIN)
