@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cmoe.config import CmoeConfig, ConfigError, load_config
+from cmoe.redact import redact_uri
 from cmoe.stages.report import Row, accuracy_table, cell
 
 if TYPE_CHECKING:
@@ -24,8 +25,9 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML con
 
 
 def error(message: object) -> None:
-    """Print `error: <message>` on stderr, verbatim (paths and brackets as they are, never wrapped)."""
-    typer.echo(f"{typer.style('error:', fg='red')} {message}", err=True)
+    """Print `error: <message>` on stderr, verbatim (paths and brackets as they are, never wrapped),
+    any URI's password redacted."""
+    typer.echo(f"{typer.style('error:', fg='red')} {redact_uri(str(message))}", err=True)
 
 
 def fail(err: object) -> typer.Exit:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from cmoe.cli.common import ConfigOpt, load
+from cmoe.redact import redact_uri
 
 console = Console(soft_wrap=True)  # a long detail stays on its line: the output is grep-able
 _STYLE = {"OK": "green", "FAIL": "bold red", "SKIP": "yellow"}
@@ -34,10 +35,10 @@ def doctor(
 
     checks = run_checks(cfg, timeout=timeout)
     if as_json:
-        typer.echo(json.dumps(as_dicts(checks), indent=2))
+        typer.echo(redact_uri(json.dumps(as_dicts(checks), indent=2)))
     else:
         width = max(len(c.name) for c in checks)
-        for c in checks:
-            console.print(f"[{_STYLE[c.status]}]{c.status:<4}[/] {c.name:<{width}}  {escape(c.detail)}")
+        for c in checks:  # a detail may quote a URI with its password: never print that
+            console.print(f"[{_STYLE[c.status]}]{c.status:<4}[/] {c.name:<{width}}  {escape(redact_uri(c.detail))}")
     if failed(checks):
         raise typer.Exit(1)

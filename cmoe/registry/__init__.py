@@ -203,7 +203,8 @@ class Registry:
             run_tags = {"cmoe.key": key, "task": task, "bundle_sha256": bundle_sha256,
                         "parent_version": str(parent_version or _NONE), **(tags or {})}
             run_id = self.client.create_run(self.experiment_id, tags=run_tags, run_name=task).info.run_id
-            params = [mlflow.entities.Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v))
+            # The config as params, any URI's password redacted (e.g. a tracking URI with credentials).
+            params = [mlflow.entities.Param(k, redact_uri(json.dumps(v) if isinstance(v, list | dict) else str(v)))
                       for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
                 self.client.log_batch(run_id, params=params[i:i + 100])

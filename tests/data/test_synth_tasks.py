@@ -30,3 +30,28 @@ def test_the_pretraining_corpus_says_every_answer_word_of_every_task() -> None:
     for task in COIN_MINI:
         answers = {w for r in _task_records(task, random.Random(0), 100) for w in r.answer.split()}
         assert answers <= corpus_words, (task.name, answers - corpus_words)
+
+
+def _pixels(records: list) -> list[bytes]:
+    return [r.image.tobytes() for r in records]
+
+
+def test_the_varied_share_draws_that_share_of_the_corpus_with_the_randomised_renderer() -> None:
+    plain = _pretrain_records(random.Random(0), 200)
+    assert _pixels(_pretrain_records(random.Random(0), 200, 0.0)) == _pixels(plain)  # share 0: coin-mini's own
+    varied = _pretrain_records(random.Random(0), 200, 1.0)
+    assert _pixels(_pretrain_records(random.Random(0), 200, 1.0)) == _pixels(varied)  # deterministic for a seed
+    assert not set(_pixels(varied)) & set(_pixels(plain))
+    assert all(r.image.size == plain[0].image.size and r.image.mode == "RGB" for r in varied)
+
+
+def test_varied_scenes_are_captioned_with_the_attributes_they_show() -> None:
+    from cmoe.data.synth import attribute_notes
+    from cmoe.data.varied import varied_scene
+
+    rng = random.Random(3)
+    for kind, attributes in (("plain", {"color", "shape"}), ("multi", {"count"}), ("card", {"letter"}),
+                             ("grid", {"color", "shape", "position"})):
+        for _ in range(10):
+            scene = varied_scene(rng, kind)
+            assert set(attribute_notes(scene)) == attributes and scene.image.size == (64, 64)

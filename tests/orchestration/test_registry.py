@@ -252,3 +252,11 @@ def test_a_version_whose_stored_state_is_incomplete_is_never_promoted(fresh: Reg
     info = fresh.version(version)
     assert info.decision == "pending_review" and CHAMPION not in fresh.aliases()
     assert fresh.decide_version(version, "rejected", "ann", "its state is broken").decision == "rejected"
+
+
+def test_the_config_logged_as_params_carries_no_password(fresh: Registry) -> None:
+    config = {"registry": {"tracking_uri": "postgresql://cmoe:SENTINEL_PW_9@db:5432/mlflow"}, "inbox": "s3://b/in/"}
+    run_id = fresh.start_task_run("key-secret", "color", "sha", None, config)
+    params = fresh.client.get_run(run_id).data.params
+    assert params["registry.tracking_uri"] == "postgresql://cmoe:***@db:5432/mlflow"
+    assert all("SENTINEL_PW_9" not in v for v in params.values())

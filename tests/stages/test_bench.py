@@ -20,7 +20,8 @@ N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
 # forgetting could show. The bench runs on a base that can spell the answer words (60 epochs over
 # the same tiny corpus, ~15 s), top-2 routing (with top-1 the new experts saw too few tokens to
 # learn: 0-6 %) and an expansion long enough to learn the answer format (12 epochs; 8 gave 6-19 %
-# for cmoe, 4 gave 0 %). Measured with these settings (seed 0, and seeds 1, 2 where they differ):
+# for cmoe, 4 gave 0 %). Measured with these settings (seed 0, and seeds 1, 2 where they differ;
+# at commit 4f35b04, before the probe chose its router's start: cmoe's may differ now):
 #   cmoe          [[31.25], [31.25, 12.5]]  BWT 0     locator 96.875 (task 2: 1 of 16 sent to task 1)
 #   naive-expand  [[37.5],  [37.5, 12.5]]   BWT 0     locator 96.875 (seeds 1, 2: 31.25 -> 31.25)
 #   single-router [[37.5],  [0.0, 25.0]]    BWT -37.5 (the shared router is retrained)
