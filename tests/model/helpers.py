@@ -44,7 +44,8 @@ def cmoe_model(text: str = "llama", seed: int = 0, **moe) -> LlavaForConditional
     from cmoe.model.cmoe_layer import add_task
     from cmoe.model.surgery import convert_to_cmoe
 
-    model = convert_to_cmoe(tiny_llava(text, seed), MoEConfig(**moe))
+    # every other layer, as the model tests were written for (the default is now every layer)
+    model = convert_to_cmoe(tiny_llava(text, seed), MoEConfig(**{"layers": "every_other", **moe}))
     add_task(model, "a")
     return model
 

@@ -62,7 +62,7 @@ def test_route_restores_the_previous_routing_and_checks_tasks() -> None:
 
 
 def test_single_router_baseline_grows_and_needs_no_task() -> None:
-    model = convert_to_cmoe(tiny_llava(), MoEConfig(), single_router=True)
+    model = convert_to_cmoe(tiny_llava(), MoEConfig(layers="every_other"), single_router=True)
     add_task(model, "a")
     add_task(model, "b")
     layer = cmoe_layers(model)[0]

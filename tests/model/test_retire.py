@@ -22,7 +22,7 @@ def _model(base_dir: Path, tasks: list[str]) -> LlavaForConditionalGeneration:
     if not base_dir.exists():
         tiny_llava().save_pretrained(base_dir)
     torch.manual_seed(0)  # routers and experts draw from the global RNG: the same tasks every time
-    model = convert_to_cmoe(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), MoEConfig(),
+    model = convert_to_cmoe(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), MoEConfig(layers="every_other"),
                             base_path=str(base_dir))
     cfg = LocatorConfig(epochs=2, hidden=8, latent_dim=2)
     for seed, task in enumerate(tasks):
@@ -108,7 +108,7 @@ def test_refusals_leave_the_model_as_it_was(tmp_path: Path) -> None:
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="only task"):
         retire_task(_model(tmp_path / "base", ["a"]), "a", set())
-    single = convert_to_cmoe(tiny_llava(), MoEConfig(), single_router=True)
+    single = convert_to_cmoe(tiny_llava(), MoEConfig(layers="every_other"), single_router=True)
     add_task(single, "a")
     add_task(single, "b")
     with pytest.raises(ValueError, match="single-router"):

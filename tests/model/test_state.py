@@ -23,7 +23,7 @@ from .helpers import add_distinct_task, make_batch, tiny_llava
 def _two_task_model(base_dir: Path) -> LlavaForConditionalGeneration:
     """Base saved to `base_dir`; tasks a (one extra expert in layer 2) and b (one per layer) + VAEs."""
     tiny_llava().save_pretrained(base_dir)
-    model = convert_to_cmoe(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), MoEConfig(),
+    model = convert_to_cmoe(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), MoEConfig(layers="every_other"),
                             base_path=str(base_dir))
     add_task(model, "a")
     add_expert(model, 2, "random")
@@ -73,7 +73,7 @@ def test_copied_base_travels_alone_and_resaves(saved, tmp_path: Path) -> None:  
 
 
 def test_in_memory_base_is_rebuilt_for_copy_base(tmp_path: Path) -> None:
-    model = convert_to_cmoe(tiny_llava(), MoEConfig())
+    model = convert_to_cmoe(tiny_llava(), MoEConfig(layers="every_other"))
     add_task(model, "a")
     with pytest.raises(StateError, match="no path"):
         save_state(model, tmp_path / "s")
@@ -82,7 +82,7 @@ def test_in_memory_base_is_rebuilt_for_copy_base(tmp_path: Path) -> None:
 
 
 def test_single_router_round_trip(tmp_path: Path) -> None:
-    model = convert_to_cmoe(tiny_llava(), MoEConfig(), single_router=True)
+    model = convert_to_cmoe(tiny_llava(), MoEConfig(layers="every_other"), single_router=True)
     for task in ("a", "b"):
         add_task(model, task)
         add_expert(model, 0, "random")
