@@ -134,7 +134,7 @@ def mean_over_seeds(entries: list[dict]) -> dict:
     def spread(values: list) -> list | None:
         return None if any(v is None for v in values) else [min(values), max(values)]
 
-    per_task = [k for k in ("params_added", "experts_added") if k in entries[0]]  # one number per task
+    per_task = ("params_added", "experts_added")  # one number per task
     summaries = [k for k in entries[0] if k != "acc_matrix" and k not in per_task]
     rows = zip(*(e["acc_matrix"] for e in entries))
     out = {"acc_matrix": [[mean(list(col)) for col in zip(*row)] for row in rows],

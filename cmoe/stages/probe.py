@@ -33,7 +33,7 @@ from cmoe.model.processor import IGNORE
 from cmoe.model.routing import route
 from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, split_holdout
 from cmoe.stages.metrics import score
-from cmoe.stages.trainer import TrainSpec, train
+from cmoe.stages.trainer import TrainResult, TrainSpec, train
 
 PROBE_FILE = "probe.safetensors"  # trained probes + router: the expansion's warm start
 
@@ -110,29 +110,25 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
 
     start, start_losses = start_router(model, processor, held, cfg.probe.batch_size)
 
-    def spec(steps: int, what: str) -> TrainSpec:
-        return TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.expand.seed,
+    def phase(steps: int, what: str) -> tuple[TrainResult, float, float]:
+        """Train what is trainable now for `steps`; (training, held-out loss, held-out accuracy)."""
+        spec = TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.expand.seed,
                          deepspeed_config=cfg.expand.deepspeed_config, desc=f"{what} {name}")
+        model.train()
+        trained = train(model, trainable_parameters(model), fit, processor.collate, moe_loss, spec)
+        model.eval()
+        return (trained, heldout_loss(model, processor, held, cfg.probe.batch_size),
+                heldout_accuracy(model, processor, data, held_idx, cfg))
 
     with route(model, [name]):
         # When, part 1: what the existing pool does for this task with a trained router.
-        model.train()
-        pool = train(model, trainable_parameters(model), fit, processor.collate, moe_loss,
-                     spec(cfg.probe.router_steps, "probe router"))
-        model.eval()
-        loss_pool = heldout_loss(model, processor, held, cfg.probe.batch_size)
-        acc_pool = heldout_accuracy(model, processor, data, held_idx, cfg)
+        pool, loss_pool, acc_pool = phase(cfg.probe.router_steps, "probe router")
         with record_routing(model):  # which expert each layer's trained router leans on most
             _forward_all(model, processor, held[: 4 * cfg.probe.batch_size], cfg.probe.batch_size)
         attach_probes(model)  # copies of those experts, each behind a new router column
 
         # When, part 2, and where: the probes train beside the router; how much do they help, where?
-        model.train()
-        result = train(model, trainable_parameters(model), fit, processor.collate, moe_loss,
-                       spec(cfg.probe.steps, "probe"))
-        model.eval()
-        loss_probes = heldout_loss(model, processor, held, cfg.probe.batch_size)
-        acc_probes = heldout_accuracy(model, processor, data, held_idx, cfg)
+        result, loss_probes, acc_probes = phase(cfg.probe.steps, "probe")
         with record_routing(model):
             _forward_all(model, processor, held, cfg.probe.batch_size)
     raw = probe_scores(model)
