@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -25,28 +25,37 @@ class BaseModelConfig(_Section):
 
     path: str | None = None  # local HF LLaVA checkpoint dir; None = the tiny base under home/base
     seed: int = 0  # seeds base init, tokenizer training order and pretraining batches
-    image_size: int = 64  # px; 64 is the smallest at which shapes are reliably learned (measured)
-    patch_size: int = 16  # px; 16 gives 16 patches (+1 CLS) image tokens: 4x cheaper than 8 px
-    vision_hidden: int = 96
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 256  # dense MLP width; every upcycled expert has this width
+    image_size: int = Field(64, gt=0)  # px; 64 is the smallest at which shapes are reliably learned (measured)
+    patch_size: int = Field(16, gt=0)  # px; 16 gives 16 patches (+1 CLS) image tokens: 4x cheaper than 8 px
+    vision_hidden: int = Field(96, ge=1)
+    vision_layers: int = Field(3, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_hidden: int = Field(128, ge=1)
+    text_layers: int = Field(4, ge=1)
+    text_heads: int = Field(4, ge=1)
+    text_intermediate: int = Field(256, ge=1)  # dense MLP width; every upcycled expert has this width
     vocab_size: int = 512  # byte-level BPE: 256 byte tokens + merges + specials
-    pretrain_samples: int = 8000  # synthetic captions / attribute notes in the pretraining corpus
+    pretrain_samples: int = Field(8000, ge=1)  # synthetic captions / attribute notes in the pretraining corpus
     # Share of the corpus's images drawn by the domain-randomised renderer (cmoe.data.varied:
     # rotations, sizes, shades, backgrounds, clutter, fonts) instead of coin-mini's own, so that
     # the base learns shapes, counts and letters rather than one renderer (docs/method.md, 1c).
     varied_share: float = Field(0.5, ge=0.0, le=1.0)
-    pretrain_epochs: int = 12
-    pretrain_lr: float = 1e-3  # 2e-3 and 3e-3 plateau: colour naming stays at chance (measured)
-    pretrain_batch_size: int = 64  # per-step overhead dominates at this size: bigger batches are cheaper
+    pretrain_epochs: int = Field(12, ge=0)
+    pretrain_lr: float = Field(1e-3, gt=0.0)  # 2e-3 and 3e-3 plateau: colour naming stays at chance (measured)
+    pretrain_batch_size: int = Field(64, ge=1)  # per-step overhead dominates at this size: bigger batches are cheaper
     # The MoE stage after pretraining: epochs over the same corpus training the upcycled experts and
     # a base router (the rest frozen), so the experts differ; 0 = a dense base (experts stay copies).
     moe_epochs: int = Field(2, ge=0)
-    moe_lr: float = 1e-3
+    moe_lr: float = Field(1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> BaseModelConfig:
+        if self.patch_size > self.image_size:
+            raise ValueError(f"patch_size={self.patch_size} exceeds image_size={self.image_size}")
+        for hidden, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads")):
+            if getattr(self, hidden) % getattr(self, heads):
+                raise ValueError(f"{hidden}={getattr(self, hidden)} is not divisible by {heads}={getattr(self, heads)}")
+        return self
 
 
 class MoEConfig(_Section):
@@ -81,10 +90,10 @@ class ProbeConfig(_Section):
     min_gain: float = Field(5.0, ge=-100.0, le=100.0)
     min_loss_drop: float = Field(0.5, ge=0.0)
     steps: int = Field(20, ge=1)  # optimizer steps of probe training (after the router-only steps)
-    lr: float = 1e-3  # 2e-3+ destabilises this tiny model (measured on the base)
-    batch_size: int = 32
+    lr: float = Field(1e-3, gt=0.0)  # 2e-3+ destabilises this tiny model (measured on the base)
+    batch_size: int = Field(32, ge=1)
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split
-    tau: float | None = None  # fixed threshold; None = uniform share k / (E_l + 1)
+    tau: float | None = Field(None, ge=0.0)  # fixed threshold; None = uniform share k / (E_l + 1)
     tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
     # Where, bounded: at most this share of the CMoE layers grows per task (rounded down, at least
     # one), the highest-scoring first, so a task adds at most half of what naive expansion adds.
@@ -92,15 +101,15 @@ class ProbeConfig(_Section):
     # score >= ratio * tau adds 2 experts instead of 1; None = always 1. Off by default: on
     # coin-mini's tiny base most scores pass 2 * tau once the pool has grown (tau falls as experts
     # are added), and doubling then added more parameters than naive expansion (docs/method.md).
-    double_expert_ratio: float | None = None
+    double_expert_ratio: float | None = Field(None, gt=0.0)
 
 
 class ExpandConfig(_Section):
     """Training of the new experts and the task router (DeepSpeed)."""
 
     epochs: int = Field(8, ge=1)  # ~300 steps per coin-mini task
-    lr: float = 1e-3
-    batch_size: int = 32
+    lr: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(32, ge=1)
     # A JSON path, a file name in infra/deepspeed/, or "zeroN": the CPU fp32 or GPU bf16 variant by device.
     deepspeed_config: str = "zero0"
     checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints
@@ -116,12 +125,12 @@ class ExpandConfig(_Section):
 class LocatorConfig(_Section):
     """PTL: one small VAE per task over a frozen pre-MoE feature."""
 
-    latent_dim: int = 8
-    hidden: int = 64
-    epochs: int = 30
-    lr: float = 1e-3
-    beta: float = 0.01  # KL weight (after warm-up)
-    temperature: float = 1.0  # softmax(-z / T) over tasks
+    latent_dim: int = Field(8, ge=1)
+    hidden: int = Field(64, ge=1)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    beta: float = Field(0.01, ge=0.0)  # KL weight (after warm-up)
+    temperature: float = Field(1.0, gt=0.0)  # softmax(-z / T) over tasks
     # Text-token dropout: besides every training prompt as asked, each VAE fits `augment_copies`
     # copies whose text tokens are each left out of the text mean with probability `text_dropout`,
     # so that a re-worded question still lands near its task (docs/method.md, choice 9).
@@ -130,18 +139,18 @@ class LocatorConfig(_Section):
 
 
 class EvalConfig(_Section):
-    batch_size: int = 64
-    max_new_tokens: int = 8
+    batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
 
 
 class GateConfig(_Section):
     """Automatic gate policy; thresholds in accuracy points (0-100)."""
 
-    min_new_task_acc: float = 50.0
-    max_forgetting: float = 5.0  # per old task, vs the champion's recorded accuracy
-    max_avg_drop: float = 2.0
+    min_new_task_acc: float = Field(50.0, ge=0.0, le=100.0)
+    max_forgetting: float = Field(5.0, ge=0.0, le=100.0)  # per old task, vs the champion's recorded accuracy
+    max_avg_drop: float = Field(2.0, ge=0.0, le=100.0)
     max_params_added: int | None = None
-    min_locator_acc: float = 90.0
+    min_locator_acc: float = Field(90.0, ge=0.0, le=100.0)
     require_review: bool = False
     review_plan: bool = False  # pause after the probe to approve the expansion plan
 
@@ -219,12 +228,20 @@ def load_config(path: str | Path | None = None, **overrides: object) -> CmoeConf
         path = os.environ.get(CONFIG_ENV) or None
     if path is not None:
         p = Path(path)
+        if p.exists() and not (p.is_file() or p.is_dir()):  # a FIFO or device would block the read
+            raise ConfigError(f"{p}: not a regular file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{p}: config file not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{p}: is a folder, not a config file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): not a YAML config") from None
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
     data.update(overrides)

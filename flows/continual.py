@@ -128,8 +128,10 @@ def _transient(task: Task, task_run: TaskRun, state: State) -> bool:
         state.result()
     except BundleError:
         return False
-    except (StorageError, OSError):
+    except StorageError:
         return True
+    except OSError as err:  # the OS's own I/O errors carry an errno; a library's "corrupt file" OSError does not
+        return err.errno is not None
     except Exception:  # noqa: BLE001 - anything else is not transient
         return False
     return False

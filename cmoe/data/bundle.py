@@ -27,6 +27,17 @@ MAX_PIXELS = 4096 * 4096
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 _HASH_CHUNK = 1 << 20
+# Terminal escape sequences: CSI (colours, cursor moves), OSC (window title, hyperlinks), two-byte ESC x.
+_ESCAPE_SEQ = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]|\x9b[0-?]*[ -/]*[@-~]")
+# C0 and C1 control characters and DEL, but not tab.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal: terminal escape sequences removed, every other control character
+    (a lone ESC, CR, BEL, newlines, ...) shown as its \\xNN escape, so a bundle's text cannot rewrite
+    the user's screen or hide what follows."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", _ESCAPE_SEQ.sub("", text))
 
 
 def parquet_file(split: str) -> str:
@@ -56,7 +67,7 @@ class Problem:
     def __str__(self) -> str:
         where = self.path if self.line is None else f"{self.path}:{self.line}"
         # One problem per output line, even when a library's error message spans several.
-        return f"{where}: {' '.join(self.message.splitlines())}"
+        return printable(f"{where}: {' '.join(self.message.splitlines())}")
 
 
 class BundleError(ValueError):

@@ -137,7 +137,10 @@ def fetch_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> Path:
     """
     if not is_s3(uri):
         return Path(uri)
-    loc = S3Prefix.parse(str(uri))
+    try:
+        loc = S3Prefix.parse(str(uri))
+    except ValueError as err:  # `s3://` or `s3:///x`: a bad URI, not a storage failure (never retried)
+        raise BundleError(str(uri), [Problem(".", str(err))]) from None
     cache = (cache_dir or default_cache_dir()) / "bundles"
     client = s3_client()
     with s3_errors(loc.uri):
@@ -146,6 +149,12 @@ def fetch_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> Path:
             raise _incomplete(loc.uri)
         if bad := sorted(rel for rel in objects if _unsafe_key(rel)):
             raise BundleError(loc.uri, [Problem(rel, "S3 key is not a safe relative file path") for rel in bad])
+        # An object `train` beside `train/...` cannot be both a file and a folder on disk.
+        folders = {rel.rsplit("/", 1)[0] for rel in objects if "/" in rel}
+        folders |= {f.rsplit("/", i)[0] for f in list(folders) for i in range(1, f.count("/") + 1)}
+        if clash := sorted(rel for rel in objects if rel in folders):
+            raise BundleError(loc.uri, [Problem(rel, f"S3 object {rel!r} is also the folder of other objects "
+                                                     f"({rel}/...): a bundle's files cannot be both") for rel in clash])
         signature = hashlib.sha256(
             "".join(f"{rel}\t{o['Size']}\t{o['ETag']}\n" for rel, o in sorted(objects.items())).encode()
         ).hexdigest()

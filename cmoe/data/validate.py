@@ -14,6 +14,7 @@ import io
 import json
 import os
 import posixpath
+import reprlib
 import stat
 import string
 import warnings
@@ -153,15 +154,67 @@ def open_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> ValidatedB
                            dict(report.layouts), dict(report.counts))
 
 
+MAX_TASK_YAML_BYTES = 64 * 1024  # task.yaml holds a few short fields: more is not a task spec
+
+
+class _TaskYamlLoader(yaml.SafeLoader):
+    """SafeLoader for task.yaml: no aliases (a few hundred bytes of them expand to gigabytes, an
+    "alias bomb"), and no key given twice (YAML would silently keep the last value)."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001, ANN201 - PyYAML's own signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in task.yaml",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's own signature
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[object, int] = {}
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key is None:
+                    continue  # a non-scalar key: PyYAML's own check reports it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {_short(key)} is given twice (first on line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 80
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr of a value for a message, bounded in the work done and in length."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _load_task_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    loader = _TaskYamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
+
+
 def parse_task_yaml(text: str) -> tuple[TaskSpec | None, list[Problem]]:
     """Parse and check `task.yaml` text; problems carry the line of the offending key."""
+    if len(text) > MAX_TASK_YAML_BYTES:
+        return None, [Problem(TASK_FILE, f"is {len(text)} characters, over the {MAX_TASK_YAML_BYTES} limit")]
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = _load_task_yaml(text)
+    except RecursionError:
+        return None, [Problem(TASK_FILE, "invalid YAML (nested too deeply)")]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         reason = getattr(err, "problem", None) or err
-        return None, [Problem(TASK_FILE, f"invalid YAML ({reason})", mark.line + 1 if mark else None)]
+        return None, [Problem(TASK_FILE, f"invalid YAML ({_clip(str(reason))})", mark.line + 1 if mark else None)]
     if not isinstance(data, dict):
         return None, [Problem(TASK_FILE, "must be a mapping of fields (name, description, ...)")]
     lines = {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
@@ -172,22 +225,24 @@ def parse_task_yaml(text: str) -> tuple[TaskSpec | None, list[Problem]]:
 
     for key in data:
         if key not in _TASK_FIELDS:
-            bad(key, f"unknown field {key!r} (allowed: {', '.join(_TASK_FIELDS)})")
+            bad(key, f"unknown field {_short(key)} (allowed: {', '.join(_TASK_FIELDS)})")
     for key in _TASK_REQUIRED:
         if key not in data:
             problems.append(Problem(TASK_FILE, f"required field {key!r} is missing"))
     name, description = data.get("name"), data.get("description")
     version, metric = data.get("format_version"), data.get("metric")
     instruction = data.get("instruction")
-    if "name" in data and not (isinstance(name, str) and NAME_RE.match(name)):
-        bad("name", f"name {name!r} must match {NAME_PATTERN} (lowercase letters, digits, dashes; at most 64)")
+    # fullmatch: `$` alone would let a trailing newline through ("sq\n").
+    if "name" in data and not (isinstance(name, str) and NAME_RE.fullmatch(name)):
+        bad("name", f"name {_short(name)} must match {NAME_PATTERN} (lowercase letters, digits, dashes; at most 64)")
     if "description" in data and not (isinstance(description, str) and description.strip()):
         bad("description", "description must be a non-empty string")
     # bool is an int subclass: `format_version: true` must not pass as 1.
     if "format_version" in data and (type(version) is not int or version != FORMAT_VERSION):
-        bad("format_version", f"format_version {version!r} is not supported (this cmoe reads {FORMAT_VERSION})")
+        bad("format_version",
+            f"format_version {_short(version)} is not supported (this cmoe reads {FORMAT_VERSION})")
     if "metric" in data and metric not in METRICS:
-        bad("metric", f"metric {metric!r} is unknown (one of: {', '.join(METRICS)})")
+        bad("metric", f"metric {_short(metric)} is unknown (one of: {', '.join(METRICS)})")
     if instruction is not None and (message := _instruction_problem(instruction)):
         bad("instruction", message)
     if problems:
@@ -195,16 +250,27 @@ def parse_task_yaml(text: str) -> tuple[TaskSpec | None, list[Problem]]:
     return TaskSpec(name, description, version, metric, instruction), []
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """A library's message on one line, bounded."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _instruction_problem(instruction: Any) -> str | None:
-    # The template is filled with str.format(question=...): any other field would fail at train time.
+    # The template is filled with str.format(question=...): only plain `{question}` fields are
+    # allowed. A format spec or conversion (`{question:d}`, `{question!x}`, `{question:>99999999999}`)
+    # would fail, or allocate gigabytes, only once training has started.
     if not isinstance(instruction, str):
         return "instruction must be a string"
     try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(instruction) if f is not None}
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(instruction) if f is not None]
     except ValueError as err:
         return f"instruction is not a valid template ({err})"
-    if fields != {"question"}:
-        return f"instruction must contain '{{question}}' and no other field (found {sorted(fields)})"
+    names = sorted({f for f, _, _ in fields})
+    if names != ["question"]:
+        return f"instruction must contain '{{question}}' and no other field (found {_short(names)})"
+    if any(spec or conv for _, spec, conv in fields):
+        return "instruction may only use plain '{question}' (no format spec such as ':d' or conversion such as '!r')"
     return None
 
 
@@ -301,7 +367,7 @@ def _text_field_problems(record: dict[str, Any]) -> Iterator[str]:
 
 
 def _describe(value: Any) -> str:
-    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+    return "null" if value is None else f"{type(value).__name__} {_short(value, 70)}"
 
 
 def _imagefolder_rows(root: Path, split: str, problems: list[Problem]) -> Iterator[tuple[str, int, dict | None]]:
@@ -322,13 +388,17 @@ def _imagefolder_rows(root: Path, split: str, problems: list[Problem]) -> Iterat
                 problems.append(Problem(rel, f"invalid JSON: {err.msg} (column {err.colno})", line))
                 yield rel, line, None
                 continue
+            except RecursionError:
+                problems.append(Problem(rel, "invalid row: JSON nested too deeply", line))
+                yield rel, line, None
+                continue
             if not isinstance(record, dict):
                 problems.append(Problem(rel, f"must be a JSON object, got {type(record).__name__}", line))
                 yield rel, line, None
                 continue
             for key in record:
                 if key not in allowed:
-                    problems.append(Problem(rel, f"unknown field {key!r} (allowed: {', '.join(allowed)})", line))
+                    problems.append(Problem(rel, f"unknown field {_short(key)} (allowed: {', '.join(allowed)})", line))
             if "file_name" not in record:
                 problems.append(Problem(rel, "field 'file_name' is missing", line))
             elif message := _file_name_problem(folder, record["file_name"]):
@@ -390,15 +460,29 @@ def _parquet_rows(root: Path, split: str, problems: list[Problem]) -> Iterator[t
     try:
         pf = pq.ParquetFile(root / rel)
     except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... on bad files
-        problems.append(Problem(rel, f"cannot read Parquet ({err})"))
+        _raise_if_io(err)
+        problems.append(Problem(rel, f"cannot read Parquet ({_clip(str(err))})"))
+        yield rel, 0, None  # the split is unreadable, not empty
         return
     schema_problems = list(_parquet_schema_problems(pf.schema_arrow))
     problems += [Problem(rel, m) for m in schema_problems]
     if schema_problems:
+        yield rel, 0, None  # rows exist but cannot be read as rows: not "empty"
         return
     row = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH):
-        for record in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=_PARQUET_BATCH)
+    while True:
+        try:
+            batch = next(batches, None)
+            records = batch.to_pylist() if batch is not None else []
+        except Exception as err:  # noqa: BLE001 - a corrupt page: ArrowInvalid, OSError("Couldn't deserialize thrift")
+            _raise_if_io(err)
+            problems.append(Problem(rel, f"cannot read Parquet after row {row} (corrupt data: {_clip(str(err))})"))
+            yield rel, row + 1, None
+            return
+        if batch is None:
+            return
+        for record in records:
             row += 1
             image = record.pop("image")
             data = image.get("bytes") if isinstance(image, dict) else image
@@ -410,6 +494,13 @@ def _parquet_rows(root: Path, split: str, problems: list[Problem]) -> Iterator[t
             yield rel, row, {k: v for k, v in record.items() if v is not None or k in _ROW_REQUIRED}
 
 
+def _raise_if_io(err: Exception) -> None:
+    """Re-raise an operating-system I/O error (errno set: EIO, ESTALE, ...): that is the disk or the
+    network failing, which a retry may fix. pyarrow's own OSErrors (a corrupt file) carry no errno."""
+    if isinstance(err, OSError) and err.errno is not None:
+        raise err
+
+
 def _parquet_schema_problems(schema: pa.Schema) -> Iterator[str]:
     def is_text(t: pa.DataType) -> bool:
         return pa.types.is_string(t) or pa.types.is_large_string(t)
@@ -418,6 +509,9 @@ def _parquet_schema_problems(schema: pa.Schema) -> Iterator[str]:
         return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
     allowed = ("image", *_ROW_TEXT_FIELDS)
+    if twice := sorted({name for name in schema.names if schema.names.count(name) > 1}):
+        yield f"duplicate column name(s) {', '.join(map(repr, twice))}: every column must be named once"
+        return
     for name in schema.names:
         if name not in allowed:
             yield f"unknown column {name!r} (allowed: {', '.join(allowed)})"

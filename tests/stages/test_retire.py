@@ -144,7 +144,7 @@ def test_the_gate_checks_every_remaining_task_against_the_champion_and_none_as_n
     from cmoe.stages.gate import decide
 
     left = lineage.names[1]
-    strict = GateConfig(min_new_task_acc=101.0, max_forgetting=0.0, max_avg_drop=0.0, min_locator_acc=0.0)
+    strict = GateConfig(min_new_task_acc=100.0, max_forgetting=0.0, max_avg_drop=0.0, min_locator_acc=0.0)
     champion = dict(first.before.acc)
     decision = decide(strict, first.after, champion, first.result.params_added, learned=False)
     assert decision.outcome == "approve" and decision.metrics["new_task_acc"] is None

@@ -1,0 +1,83 @@
+"""Inputs a user gets wrong: each is one clear error line (or a documented acceptance), never a traceback.
+
+Config values that cannot work, a folder or binary file as `--config`, and `cmoe predict`'s own inputs.
+The bundle's own bad inputs (task.yaml, Parquet, JSON, S3 layout) are in tests/data/test_bad_bundles.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cmoe.cli import app
+from cmoe.config import ConfigError, load_config
+
+runner = CliRunner()
+
+# Values that cannot work, each with the dotted field the error must name.
+IMPOSSIBLE = {
+    "expand.batch_size: 0": ("expand:\n  batch_size: 0\n", "expand.batch_size"),
+    "expand.batch_size: -1": ("expand:\n  batch_size: -1\n", "expand.batch_size"),
+    "probe.batch_size: 0": ("probe:\n  batch_size: 0\n", "probe.batch_size"),
+    "eval.batch_size: 0": ("eval:\n  batch_size: 0\n", "eval.batch_size"),
+    "expand.lr: -1": ("expand:\n  lr: -1\n", "expand.lr"),
+    "probe.lr: 0": ("probe:\n  lr: 0\n", "probe.lr"),
+    "locator.lr: -1": ("locator:\n  lr: -1\n", "locator.lr"),
+    "base.patch_size: 0": ("base:\n  patch_size: 0\n", "base.patch_size"),
+    "base.image_size: 0": ("base:\n  image_size: 0\n", "base.image_size"),
+    "base.patch_size > image_size": ("base:\n  patch_size: 128\n", "base: Value error, patch_size=128"),
+    "base.text_heads not dividing": ("base:\n  text_heads: 3\n", "base: Value error, text_hidden=128"),
+    "locator.epochs: -5": ("locator:\n  epochs: -5\n", "locator.epochs"),
+    "eval.max_new_tokens: -1": ("eval:\n  max_new_tokens: -1\n", "eval.max_new_tokens"),
+    "gate.max_forgetting: 500": ("gate:\n  max_forgetting: 500\n", "gate.max_forgetting"),
+    "gate.min_new_task_acc: 500": ("gate:\n  min_new_task_acc: 500\n", "gate.min_new_task_acc"),
+    "gate.min_locator_acc: -1": ("gate:\n  min_locator_acc: -1\n", "gate.min_locator_acc"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMPOSSIBLE))
+def test_a_config_value_that_cannot_work_is_refused_at_load_naming_the_field(case: str, tmp_path: Path) -> None:
+    text, field = IMPOSSIBLE[case]
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("(", r"\(")):
+        load_config(config)
+
+
+def test_doctor_refuses_an_impossible_value_with_exit_2_and_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("expand:\n  batch_size: 0\n")
+    result = runner.invoke(app, ["doctor", "--config", str(config)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert result.stderr.splitlines() == [f"error: {config}: expand.batch_size: Input should be greater than or "
+                                          "equal to 1"]
+
+
+def test_the_defaults_and_the_tiny_test_config_still_load(tmp_path: Path) -> None:
+    from cmoe.config import CmoeConfig, tiny_test_config
+
+    assert CmoeConfig().expand.batch_size >= 1
+    assert tiny_test_config(tmp_path).eval.max_new_tokens >= 1
+
+
+@pytest.mark.parametrize("kind", ["folder", "binary", "fifo"])
+def test_a_config_path_that_is_no_yaml_file_is_one_error_line(kind: str, tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "cfg"
+    if kind == "folder":
+        path.mkdir()
+        reason = "is a folder, not a config file"
+    elif kind == "binary":
+        path.write_bytes(b"\xff\xfe\x00\x81 not text")
+        reason = "not UTF-8 text"
+    else:
+        os.mkfifo(path)  # reading it would block forever
+        reason = "not a regular file"
+    result = runner.invoke(app, ["doctor", "--config", str(path)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {reason}"), result.stderr
+    assert "Traceback" not in result.output
