@@ -6,38 +6,125 @@ registered version, whatever the decision, or a rejected plan). Bundles are hand
 at a time, oldest first: each task builds on the champion the previous one left, so the lineage is
 sequential (the deployments in `prefect.yaml` also cap each flow at one concurrent run).
 
+A bundle that is refused (it cannot be hashed, e.g. it holds a symlink, or it fails validation) is
+recorded in `<home>/watch/refused.json` with the reason, under its fingerprint (what it holds now):
+later polls skip it, without a word to the registry, until the user changes it. The other bundles
+are handled as if it were not there, and a refusal does not fail the watcher.
+
 The inbox is the user's: once a bundle's version is decided the watcher leaves it there, moves it
 into `<inbox>/.processed/` or deletes it, as `data.after_decision` says (default: leave it).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
 
-from cmoe.config import load_config
-from cmoe.data.bundle import bundle_sha256
-from cmoe.data.storage import BundleRef, fetch_bundle, list_bundles, put_aside
+from cmoe.config import CmoeConfig, load_config
+from cmoe.data.bundle import BundleError, bundle_sha256
+from cmoe.data.storage import (
+    BundleRef, StorageError, bundle_fingerprint, check_inbox, fetch_bundle, list_bundles, put_aside,
+)
+from cmoe.files import write_text_atomic
 from cmoe.registry import Registry
 from flows.continual import TaskOutcome, continual_task
 
+REFUSED_FILE = "refused.json"  # under <home>/watch/: {fingerprint: {"uri", "name", "reason", "at"}}
+_MAX_REASON = 2000
 
-@task(name="list-new-bundles", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def new_bundles(inbox: str, cache_dir: Path, processed: set[str]) -> list[BundleRef]:
-    """Complete bundles of the inbox whose content hash MLflow has not recorded, oldest first."""
-    return [ref for ref in list_bundles(inbox)
-            if bundle_sha256(fetch_bundle(ref.uri, cache_dir=cache_dir)) not in processed]
+
+@dataclass(frozen=True)
+class Refusal:
+    """A bundle the watcher will not run until it changes: where it is, what it held, and why."""
+
+    ref: BundleRef
+    fingerprint: str
+    reason: str
+
+
+def refused_path(cfg: CmoeConfig) -> Path:
+    """Where the watcher keeps the bundles it refused."""
+    return cfg.home / "watch" / REFUSED_FILE
+
+
+def read_refused(path: Path) -> dict[str, dict]:
+    """{fingerprint: record} of every refused bundle (empty when none, or the file is unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record(path: Path, refusal: Refusal) -> None:
+    records = read_refused(path)
+    records[refusal.fingerprint] = {"uri": refusal.ref.uri, "name": refusal.ref.name, "reason": refusal.reason,
+                                    "at": datetime.now(UTC).isoformat()}
+    write_text_atomic(path, json.dumps(records, indent=2, sort_keys=True))
+
+
+def _reason(err: BundleError) -> str:
+    text = "; ".join(str(p) for p in err.problems) or str(err)
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+def _io_only(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Retry the listing on storage and OS I/O errors only."""
+    try:
+        state.result()
+    except StorageError:
+        return True
+    except OSError as err:
+        return err.errno is not None
+    except Exception:  # noqa: BLE001 - anything else will not go away by retrying
+        return False
+    return False
+
+
+@task(name="list-new-bundles", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_io_only)
+def new_bundles(inbox: str, cache_dir: Path, processed: set[str],
+                refused: dict[str, dict]) -> tuple[list[BundleRef], list[Refusal], list[str]]:
+    """(complete bundles of the inbox whose content hash MLflow has not recorded, oldest first; the
+    bundles refused now because they cannot be hashed; the names of those refused earlier and unchanged)."""
+    new, bad, skipped = [], [], []
+    for ref in list_bundles(inbox):
+        fingerprint = bundle_fingerprint(ref.uri)
+        if fingerprint in refused:
+            skipped.append(ref.name)
+            continue
+        try:
+            sha = bundle_sha256(fetch_bundle(ref.uri, cache_dir=cache_dir))
+        except BundleError as err:
+            bad.append(Refusal(ref, fingerprint, _reason(err)))
+            continue
+        if sha not in processed:
+            new.append(ref)
+    return new, bad, skipped
 
 
 @flow(name="watch-inbox")
 def watch_inbox(config_path: str | None = None, inbox: str | None = None) -> list[TaskOutcome]:
-    """Run `continual_task` for each new bundle, one at a time; a failed bundle does not block the rest."""
+    """Run `continual_task` for each new bundle, one at a time; a failed or refused bundle does not block the rest."""
     cfg = load_config(config_path)
     inbox = inbox or cfg.inbox or str(cfg.home / "inbox")
-    refs = new_bundles(inbox, cfg.home / "cache", Registry(cfg).processed_bundle_hashes())
-    get_run_logger().info("%d new bundle(s) in %s: %s", len(refs), inbox, ", ".join(r.name for r in refs) or "-")
+    logger = get_run_logger()
+    check_inbox(inbox)
+    log = refused_path(cfg)
+    earlier = read_refused(log)
+    refs, refused, skipped = new_bundles(inbox, cfg.home / "cache", Registry(cfg).processed_bundle_hashes(), earlier)
+    if skipped:
+        logger.info("skipping %d bundle(s) refused earlier and unchanged (see %s): %s", len(skipped), log,
+                    ", ".join(skipped))
+    for refusal in refused:
+        _refuse(log, refusal)
+    logger.info("%d new bundle(s) in %s: %s", len(refs), inbox, ", ".join(r.name for r in refs) or "-")
     outcomes, failed = [], []
     for ref in refs:
         state = continual_task(ref.uri, config_path, return_state=True)
@@ -46,9 +133,18 @@ def watch_inbox(config_path: str | None = None, inbox: str | None = None) -> lis
             outcomes.append(outcome)
             if outcome.decision != "pending_review":  # decided: the inbox copy is the user's to keep or not
                 if moved := put_aside(ref.uri, inbox, cfg.data.after_decision):
-                    get_run_logger().info("%s moved to %s (data.after_decision)", ref.name, moved)
+                    logger.info("%s moved to %s (data.after_decision)", ref.name, moved)
+        elif state.is_failed() and isinstance(err := state.result(raise_on_failure=False), BundleError):
+            # Invalid: retrying cannot help. Nothing was registered (validation precedes every MLflow write).
+            _refuse(log, Refusal(ref, bundle_fingerprint(ref.uri), _reason(err)))
         else:
             failed.append(f"{ref.name}: {state.message}")
     if failed:
         raise RuntimeError(f"{len(failed)} bundle(s) failed (run again to resume them):\n" + "\n".join(failed))
     return outcomes
+
+
+def _refuse(log: Path, refusal: Refusal) -> None:
+    _record(log, refusal)
+    get_run_logger().warning("refused %s: %s (recorded in %s; skipped until the bundle changes)",
+                             refusal.ref.name, refusal.reason, log)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from cmoe.data.bundle import printable
 from cmoe.data.storage import StorageError
 from cmoe.data.validate import ValidationReport, validate as validate_uri
 
@@ -51,10 +52,11 @@ def info(uri: UriArg, cache_dir: CacheOpt = None) -> None:
     report = _checked(uri, cache_dir)
     spec, root = report.spec, report.root
     files = [p for p in root.rglob("*") if p.is_file()]
+    # A bundle's own text never reaches the terminal raw: escape sequences removed, controls escaped.
     typer.echo(f"name:           {spec.name}")
-    typer.echo(f"description:    {spec.description}")
+    typer.echo(f"description:    {printable(spec.description)}")
     typer.echo(f"metric:         {spec.metric}")
-    typer.echo(f"instruction:    {spec.instruction if spec.instruction is not None else '(none)'}")
+    typer.echo(f"instruction:    {printable(spec.instruction) if spec.instruction is not None else '(none)'}")
     typer.echo(f"format_version: {spec.format_version}")
     for split, count in report.counts.items():
         typer.echo(f"{split + ':':<16}{count} rows ({report.layouts[split]})")
@@ -62,9 +64,6 @@ def info(uri: UriArg, cache_dir: CacheOpt = None) -> None:
     typer.echo(f"sha256:         {report.sha256}")
     if root != Path(uri):
         typer.echo(f"local copy:     {root}")
-
-
-
 
 
 @app.command()

@@ -127,6 +127,44 @@ def _unsafe_key(rel: str) -> bool:
     return "\\" in rel or rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/"))
 
 
+def _listing_signature(objects: dict[str, dict]) -> str:
+    return hashlib.sha256(
+        "".join(f"{rel}\t{o['Size']}\t{o['ETag']}\n" for rel, o in sorted(objects.items())).encode()
+    ).hexdigest()
+
+
+def bundle_fingerprint(uri: str | Path) -> str:
+    """What a bundle holds now, without reading its files: changes when any entry is added, removed,
+    rewritten or re-linked. S3: the listing (keys, sizes, ETags); local: every entry's path, type,
+    size, mtime and link target, links and special files included (never followed, never opened).
+
+    It names a bundle that cannot be hashed (a symlink inside, a key that cannot be a file), so the
+    watcher can remember that it refused it until the user changes it.
+    """
+    if is_s3(uri):
+        loc = S3Prefix.parse(str(uri))
+        with s3_errors(loc.uri):
+            return _listing_signature(_list_objects(s3_client(), loc))
+    root, lines = Path(uri), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            target = os.readlink(path) if path.is_symlink() else ""
+            lines.append(f"{path.relative_to(root).as_posix()}\t{st.st_mode:o}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n")
+    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+
+
+def check_inbox(inbox_uri: str | Path) -> None:
+    """Raise StorageError unless the inbox can be listed: a local folder that exists (an S3 prefix is
+    checked by listing it: a missing bucket is a StorageError there)."""
+    if not is_s3(inbox_uri):
+        path = Path(inbox_uri)
+        if not path.is_dir():
+            what = "is not a folder" if path.exists() else "does not exist"
+            raise StorageError(f"inbox {path} {what} (create it, or point --inbox / the config's `inbox` at one)")
+
+
 def fetch_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> Path:
     """Local folder of a bundle: a local path as is; an S3 bundle downloaded to `<cache_dir>/bundles/<listing>/`.
 
@@ -155,10 +193,7 @@ def fetch_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> Path:
         if clash := sorted(rel for rel in objects if rel in folders):
             raise BundleError(loc.uri, [Problem(rel, f"S3 object {rel!r} is also the folder of other objects "
                                                      f"({rel}/...): a bundle's files cannot be both") for rel in clash])
-        signature = hashlib.sha256(
-            "".join(f"{rel}\t{o['Size']}\t{o['ETag']}\n" for rel, o in sorted(objects.items())).encode()
-        ).hexdigest()
-        final = cache / signature
+        final = cache / _listing_signature(objects)
         if final.is_dir():
             return final
         cache.mkdir(parents=True, exist_ok=True)

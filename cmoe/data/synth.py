@@ -355,6 +355,10 @@ def synth_suite(
     """Write the suite's task bundles (`NN-name/`, in order) and `pretrain/` under `out`."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known: {', '.join(SUITES)}")
+    # Every split must hold a row (the validator refuses an empty one); nothing is written otherwise.
+    for what, n in (("train", n_train), ("test", n_test), ("pretrain", n_pretrain)):
+        if n < 1:
+            raise ValueError(f"--{what} must be at least 1 (got {n}): a bundle's splits cannot be empty")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -55,6 +55,8 @@ _TASK_FIELDS = (*_TASK_REQUIRED, "instruction")
 _ROW_TEXT_FIELDS = ("question", "answer", "answers", "id")  # shared by both layouts
 _ROW_REQUIRED = ("question", "answer")
 _PARQUET_BATCH = 256
+# PIL modes of more than 8 bits per channel (16-bit grayscale PNG/TIFF, 32-bit int, float).
+WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 
 @dataclass
@@ -446,6 +448,10 @@ def _image_problem(source: Path | bytes) -> str | None:
                 width, height = im.size
                 if width * height > MAX_PIXELS:
                     return f"image is {width}x{height} px, over the {MAX_PIXELS} px limit (possible decompression bomb)"
+                if im.mode in WIDE_MODES:
+                    # PIL's convert("RGB") clips 16-bit and float values: most pixels would come out white.
+                    return (f"image has more than 8 bits per channel (mode {im.mode}): save it as 8-bit "
+                            "(RGB or grayscale); it would be clipped to white")
                 im.load()  # full decode: catches truncated and corrupt pixel data
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"possible decompression bomb ({err})"

@@ -183,3 +183,49 @@ def test_an_s3_object_beside_a_folder_of_the_same_name_is_refused(bundle: Path, 
     assert [p.path for p in report.problems] == ["test/images", "train"]
     assert "is also the folder of other objects" in report.problems[0].message
     assert not (tmp_path / "bundles").exists() or not any((tmp_path / "bundles").iterdir())  # nothing downloaded
+
+
+# ------------------------------------------------------------------ images, synth, info
+def test_a_16_bit_png_is_refused_not_clipped_to_white(bundle: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    image = bundle / "train/images/0.png"
+    Image.fromarray((np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)).save(image)
+    assert Image.open(image).mode == "I;16"
+    assert [str(p) for p in validate(bundle).problems] == [
+        "train/images/0.png: image has more than 8 bits per channel (mode I;16): save it as 8-bit (RGB or "
+        "grayscale); it would be clipped to white"]
+
+
+@pytest.mark.parametrize("option", ["--train", "--test"])
+def test_synth_refuses_a_split_size_its_validator_would_refuse(option: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "out"), option, "-1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr.splitlines() == [f"error: {option} must be at least 1 (got -1): a bundle's splits cannot "
+                                          "be empty"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_strips_terminal_escape_sequences_from_the_description(bundle: Path) -> None:
+    (bundle / "task.yaml").write_text('name: sq\ndescription: "Red \\e[31mtext\\e[0m, a title \\e]0;pwned\\a and a '
+                                      'bell \\a"\nformat_version: 1\nmetric: exact_match\n')
+    result = runner.invoke(app, ["data", "info", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "description:    Red text, a title  and a bell \\x07" in result.stdout
+
+
+def test_a_fingerprint_changes_with_the_bundle_even_one_with_a_symlink(bundle: Path) -> None:
+    import os
+
+    from cmoe.data.storage import bundle_fingerprint
+
+    image = bundle / "train/images/1.png"
+    image.unlink()
+    os.symlink(bundle / "train/images/0.png", image)
+    before = bundle_fingerprint(bundle)  # hashing it is refused; fingerprinting never follows the link
+    assert bundle_fingerprint(bundle) == before
+    image.unlink()
+    os.symlink(bundle / "train/images/2.png", image)
+    assert bundle_fingerprint(bundle) != before
