@@ -81,3 +81,67 @@ def test_a_config_path_that_is_no_yaml_file_is_one_error_line(kind: str, tmp_pat
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {reason}"), result.stderr
     assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------ cmoe predict's inputs
+def _predict(tmp_path: Path, image: Path, question: str = "what color is it?"):  # noqa: ANN202
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"home: {tmp_path / 'home'}\n")
+    return runner.invoke(app, ["predict", "--image", str(image), "--question", question, "--config", str(config)])
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["fifo", "text", "eps", "bomb-header", "12000x12000", "5000x5000",
+                                  "16-bit"])
+def test_predict_refuses_an_image_the_validator_would_refuse_before_decoding_it(case: str, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from data.helpers import header_only_png
+
+    image = tmp_path / f"{case}.png"
+    if case == "fifo":
+        os.mkfifo(image)  # nothing ever writes: reading it would hang
+        reason = "not a regular file"
+    elif case == "text":
+        image.write_text("not an image\n")
+        reason = "not an image in a supported format"
+    elif case == "eps":
+        image = tmp_path / "x.eps"
+        image.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+        reason = "not an image in a supported format"  # never handed to Ghostscript
+    elif case == "bomb-header":
+        image.write_bytes(header_only_png(60000, 60000))
+        reason = "possible decompression bomb"
+    elif case == "12000x12000":  # 140 KB on disk, 3.8 GB once decoded
+        image.write_bytes(header_only_png(12000, 12000))
+        reason = "possible decompression bomb"
+    elif case == "5000x5000":
+        image.write_bytes(header_only_png(5000, 5000))
+        reason = "over the 16777216 px limit"
+    else:
+        image.write_bytes(_png(8, 8, "I;16"))
+        reason = "more than 8 bits per channel"
+    result = _predict(tmp_path, image)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --image {image}: ") and reason in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+def test_predict_refuses_a_question_over_the_text_limit(tmp_path: Path) -> None:
+    image = tmp_path / "ok.png"
+    image.write_bytes(_png(8, 8))
+    result = _predict(tmp_path, image, "why " * 25_000)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == ["error: --question: the question is 100000 characters, over the 2000 limit"]

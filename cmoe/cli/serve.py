@@ -1,13 +1,27 @@
-"""`cmoe predict`: answer with a registered model, the way a serving process would."""
+"""`cmoe predict`: answer with a registered model, the way a serving process would.
+
+Its inputs get the task-bundle validator's limits before any decoder or model sees them
+(cmoe.data.validate): the image must be a regular file (a FIFO is refused, never read) of a
+supported raster format (never EPS/PS), within the byte and pixel limits by its header, 8 bits per
+channel and decodable; the question must be non-empty, within the characters a bundle row may hold
+and, for a registry version, short enough that its prompt and answer fit the model's positions.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from cmoe.cli.common import ConfigOpt, console, fail, open_registry, setup
+
+if TYPE_CHECKING:
+    from cmoe.config import CmoeConfig
+    from cmoe.registry import Registry
+
+_REGISTRY_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))/?")
 
 
 def predict(
@@ -18,11 +32,52 @@ def predict(
 ) -> None:
     """Answer a question about an image with a registered model (its MLflow pyfunc)."""
     cfg, _ = setup(config)
+    from cmoe.data.validate import ImageInputError, question_problem, read_checked_image
+
+    if problem := question_problem(question):
+        raise fail(f"--question: {problem}")
+    try:
+        data = read_checked_image(image)  # the checked bytes are what the model gets: no second read
+    except ImageInputError as err:
+        raise fail(f"--image {err}") from None
     from cmoe.registry import RegistryError
 
     try:
+        registry = open_registry(cfg)
         uri = model or f"models:/{cfg.registry.model_name}@champion"
-        row = open_registry(cfg).predict(uri, [str(image)], [question])[0]
+        if problem := _prompt_problem(cfg, registry, uri, data, question):
+            raise fail(f"--question: {problem}")
+        row = registry.predict(uri, [data], [question])[0]
     except RegistryError as err:
         raise fail(err) from None
     console.print(f"{row['answer']}  (task {row['task']}, confidence {row['confidence']:.2f})")
+
+
+def _prompt_problem(cfg: CmoeConfig, registry: Registry, uri: str, image: bytes, question: str) -> str | None:
+    """Why the question's prompt (image tokens, question, answer room) exceeds the model's positions,
+    or None; only checked for a version of this registry (another URI is left to its loader)."""
+    m = _REGISTRY_URI.fullmatch(uri)
+    if m is None or m["name"] != registry.model_name:
+        return None
+    version = int(m["version"]) if m["version"] else registry.aliases().get(m["alias"])
+    if version is None:
+        return None  # no such alias: loading the model reports it
+    import io
+
+    from PIL import Image
+    from transformers import LlavaConfig
+
+    from cmoe.model.processor import VLProcessor
+    from cmoe.model.state import base_folder, read_manifest
+
+    state = registry.state_dir(version)
+    base = base_folder(state, read_manifest(state))
+    llava = LlavaConfig.from_pretrained(base, local_files_only=True)
+    processor = VLProcessor.from_pretrained(base, llava)
+    with Image.open(io.BytesIO(image)) as im:
+        prompt = len(processor.encode(im.convert("RGB"), question).input_ids)  # as predict encodes it
+    positions = llava.text_config.max_position_embeddings
+    if prompt + cfg.eval.max_new_tokens > positions:
+        return (f"too long for the model: its prompt is {prompt} tokens (image included) + {cfg.eval.max_new_tokens} "
+                f"for the answer, over the model's {positions} positions")
+    return None

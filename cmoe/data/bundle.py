@@ -23,6 +23,10 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 NAME_RE = re.compile(NAME_PATTERN)
 # Header-checked before any decode: larger images are refused as possible decompression bombs.
 MAX_PIXELS = 4096 * 4096
+# An image file larger than this is refused unread (a 4096x4096 RGB PNG is at most ~50 MB).
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# Longest question or answer a bundle row (or a `cmoe predict` question) may hold, in characters.
+MAX_TEXT_CHARS = 2000
 # Only well-understood raster formats: PIL's EPS/PS plugins would shell out to Ghostscript.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})

@@ -33,7 +33,9 @@ from cmoe.data.bundle import (
     FORMAT_VERSION,
     IMAGE_EXTENSIONS,
     IMAGE_FORMATS,
+    MAX_IMAGE_BYTES,
     MAX_PIXELS,
+    MAX_TEXT_CHARS,
     METADATA_FILE,
     METRICS,
     NAME_PATTERN,
@@ -361,6 +363,8 @@ def _text_field_problems(record: dict[str, Any]) -> Iterator[str]:
     for key in ("question", "answer", "id"):
         if key in record and not (isinstance(record[key], str) and record[key].strip()):
             yield f"field {key!r} must be a non-empty string, got {_describe(record[key])}"
+        elif key in record and len(record[key]) > MAX_TEXT_CHARS:
+            yield f"field {key!r} is {len(record[key])} characters, over the {MAX_TEXT_CHARS} limit"
     answers = record.get("answers")
     if "answers" in record and not (
         isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
@@ -455,8 +459,47 @@ def _image_problem(source: Path | bytes) -> str | None:
                 im.load()  # full decode: catches truncated and corrupt pixel data
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return f"possible decompression bomb ({err})"
+    except Image.UnidentifiedImageError:  # EPS/PS (Ghostscript), SVG, a text file, ...: never handed to a decoder
+        return f"cannot decode image: not an image in a supported format ({', '.join(IMAGE_FORMATS)})"
     except Exception as err:  # noqa: BLE001 - PIL raises many exception types on corrupt input
         return f"cannot decode image ({type(err).__name__}: {err})"
+    return None
+
+
+class ImageInputError(ValueError):
+    """An image given to `cmoe predict` (or any reader outside a bundle) that cannot be used safely."""
+
+
+def read_checked_image(path: str | Path) -> bytes:
+    """The bytes of an image file, checked with the validator's limits before any decoder sees them:
+    a regular file (a FIFO or device is refused without blocking on it), at most MAX_IMAGE_BYTES,
+    a supported raster format (never EPS/PS), at most MAX_PIXELS by its header, 8 bits per channel,
+    and fully decodable. Raises ImageInputError with the reason."""
+    try:
+        # O_NONBLOCK: opening a FIFO that has no writer must not hang; fstat then sees what it is.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise ImageInputError(f"{path}: cannot open ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageInputError(f"{path}: not a regular file (a FIFO, device or folder is never read)")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise ImageInputError(f"{path}: {st.st_size} bytes, over the {MAX_IMAGE_BYTES} byte limit")
+        data = f.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageInputError(f"{path}: over the {MAX_IMAGE_BYTES} byte limit")
+    if message := _image_problem(data):
+        raise ImageInputError(f"{path}: {message}")
+    return data
+
+
+def question_problem(question: str) -> str | None:
+    """Why a question cannot be asked (empty, or over MAX_TEXT_CHARS), or None; the same limit as a bundle row's."""
+    if not question.strip():
+        return "the question is empty"
+    if len(question) > MAX_TEXT_CHARS:
+        return f"the question is {len(question)} characters, over the {MAX_TEXT_CHARS} limit"
     return None
 
 

@@ -229,3 +229,14 @@ def test_a_fingerprint_changes_with_the_bundle_even_one_with_a_symlink(bundle: P
     image.unlink()
     os.symlink(bundle / "train/images/2.png", image)
     assert bundle_fingerprint(bundle) != before
+
+
+def test_a_question_over_the_text_limit_is_a_located_problem(bundle: Path) -> None:
+    import json
+
+    meta = bundle / "train/metadata.jsonl"
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    rows[2]["question"] = "why " * 600
+    meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [str(p) for p in validate(bundle).problems] == [
+        "train/metadata.jsonl:3: field 'question' is 2400 characters, over the 2000 limit"]

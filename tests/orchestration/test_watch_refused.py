@@ -1,5 +1,6 @@
 """A bad bundle in the inbox never blocks the watcher: refused once with the reason, skipped while
-unchanged, nothing registered for it, and every other bundle is handled."""
+unchanged, nothing registered for it, and every other bundle is handled. And with the champion it
+leaves: `cmoe predict` refuses a question its model has no positions for."""
 
 from __future__ import annotations
 
@@ -32,13 +33,21 @@ def inbox(suite: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def watched(prefect_api: None, inbox: Path, base_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """(config, outcomes) of the first watch over the inbox."""
+    from flows.watch import watch_inbox
+
+    config = tiny_config_file(tmp_path_factory.mktemp("watch"), base_dir, "auto", inbox=str(inbox))
+    return config, watch_inbox(config)
+
+
 def test_bad_bundles_are_refused_recorded_and_skipped_while_the_good_one_is_learned(
-        prefect_api: None, inbox: Path, suite: list[Path], base_dir: Path, tmp_path: Path) -> None:
+        watched, inbox: Path, suite: list[Path]) -> None:  # noqa: ANN001
     from flows.watch import read_refused, refused_path, watch_inbox
 
-    config = tiny_config_file(tmp_path, base_dir, "auto", inbox=str(inbox))
+    config, first = watched
     cfg = load_config(config)
-    first = watch_inbox(config)
     assert [o.decision for o in first] == ["approved"]  # b-good, though two bad bundles arrived with it
 
     records = {r["name"]: r["reason"] for r in read_refused(refused_path(cfg)).values()}
@@ -64,3 +73,12 @@ def test_watch_once_on_a_missing_inbox_is_an_error(prefect_api: None, base_dir: 
     result = CliRunner().invoke(app, ["watch", "--once", "--config", config, "--inbox", str(tmp_path / "nowhere")])
     assert result.exit_code == 1
     assert f"inbox {tmp_path / 'nowhere'} does not exist" in result.stderr
+
+
+def test_predict_refuses_a_question_longer_than_the_model_positions(watched, suite: list[Path]) -> None:  # noqa: ANN001
+    image = next((suite[0] / "test").rglob("*.png"))
+    question = " ".join(f"w{i}" for i in range(400))  # 1 900 characters: within the text limit, ~800 tokens
+    result = CliRunner().invoke(app, ["predict", "--image", str(image), "--question", question, "--config", watched[0]])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: --question: too long for the model: its prompt is ")
+    assert "over the model's 256 positions" in result.stderr
