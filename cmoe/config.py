@@ -113,6 +113,9 @@ class ExpandConfig(_Section):
     # A JSON path, a file name in infra/deepspeed/, or "zeroN": the CPU fp32 or GPU bf16 variant by device.
     deepspeed_config: str = "zero0"
     checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints
+    # Steps between the points of the training curve (loss, lr, samples/s) the probe and the
+    # expansion log to their MLflow runs (and the progress artifact moves): one MLflow call each.
+    log_every: int = Field(10, ge=1)
     seed: int = 0
     # Processes per machine for the expansion (one per GPU; CPU ranks use gloo). 1 = in-process;
     # >1 runs `torchrun -m cmoe.stages.expand_main` (see cmoe.stages.launch and docs/deploy.md).
@@ -181,6 +184,22 @@ class RegistryConfig(_Section):
     artifact_location: str | None = None  # artifact root of a new experiment; None = <home>/mlartifacts
     model_name: str = "cmoe"  # registered model holding one version per candidate
     experiment: str = "cmoe"  # experiment holding one parent run per task arrival
+    # Where people open the MLflow UI, for the links the Prefect runs carry to their MLflow run and
+    # model version; None = the tracking URI when it is http(s), else http://127.0.0.1:5000 (the
+    # `mlflow ui` that `cmoe demo` prints).
+    ui_url: str | None = None
+    # Seconds between system-metric samples (CPU, memory, disk, network; GPU where pynvml is
+    # installed) logged on the expansion's run; None = none logged.
+    system_metrics_s: float | None = Field(10.0, gt=0.0)
+
+
+class KpiConfig(_Section):
+    """What the per-task KPIs assume (docs/orchestration.md): the price of a device-hour."""
+
+    # Estimated cost = device-hours (each stage's wall time × the devices it held) × this rate.
+    # The default is about an on-demand cloud GPU-hour; set what your devices cost.
+    cost_per_device_hour: float = Field(2.0, ge=0.0)
+    currency: str = "USD"
 
 
 class FlowConfig(_Section):
@@ -211,6 +230,7 @@ class CmoeConfig(_Section):
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    kpi: KpiConfig = KpiConfig()
     flow: FlowConfig = FlowConfig()
 
 
@@ -265,9 +285,10 @@ def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
         # every layer whose share reaches tau grows, whatever the gain: tests of growth stay about growth
         "probe": {"router_steps": 2, "steps": 3, "batch_size": 16, "holdout_fraction": 0.25, "min_gain": -100.0,
                   "max_layer_share": 1.0},
-        "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2},
+        "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2, "log_every": 1},
         "locator": {"epochs": 3, "hidden": 16, "latent_dim": 4},
         "eval": {"batch_size": 32, "max_new_tokens": 4},
         "gate": {"min_new_task_acc": 0.0, "min_locator_acc": 0.0, "max_forgetting": 100.0, "max_avg_drop": 100.0},
+        "registry": {"system_metrics_s": 0.5},  # a seconds-long expansion still logs a few samples
     })
     return cfg.model_copy(update=overrides)

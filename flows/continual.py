@@ -6,9 +6,14 @@ One task bundle goes through five stages, each a Prefect task that calls one pla
     fetch          validate + download the bundle, once (retried on transient I/O errors)
     keep-eval-set  keep the task's evaluation set (its test split) in the lineage's store
     probe          PGKE: which layers need new experts            -> artifact `cmoe-probe`
-    expand         train the new experts, the task router and its locator VAE
+    expand         train the new experts, the task router and its locator VAE -> `cmoe-expand-progress`
     evaluate       re-test every task learned so far on the kept evaluation sets -> `cmoe-accuracy`
-    gate           register the candidate, approve / reject / ask a reviewer -> `cmoe-decision`
+    kpi            size, FLOPs, latency, mis-routing, wall time, device-hours and cost -> `cmoe-kpi`
+    gate           register the candidate (its model card), approve / reject / ask a reviewer -> `cmoe-decision`
+
+The flow run links to its MLflow run (`cmoe-mlflow-run`: the config, the probe's and the
+expansion's training curves, the expansion's system metrics, the bundle as the dataset input) and
+to the model version it registered (`cmoe-model-version`: the model card).
 
 Once the version is decided, cmoe's local copies of the task's training data are deleted: the
 lineage keeps evaluation sets, never training data, and no later task reads this bundle again
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -33,7 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from prefect import State, Task, flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
@@ -47,6 +56,7 @@ from cmoe.data.storage import StorageError
 from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.files import write_text_atomic
 from cmoe.registry import EVAL_SET_TAG, REMOVED_TAG, TRAIN_SHA_TAG, Champion, Registry, VersionInfo, held_versions
+from cmoe.registry.model_card import CardFacts, card
 from cmoe.stages.report import Row, accuracy_table, cell
 from flows.lineage_slot import lineage_slot
 from flows.review import review_plan, settle
@@ -54,10 +64,12 @@ from flows.review import review_plan, settle
 if TYPE_CHECKING:  # the stages (torch, DeepSpeed) are imported inside the tasks that run them
     from cmoe.stages.evaluate import EvalReport
     from cmoe.stages.expand import ExpandResult
+    from cmoe.stages.kpi import TaskKpis
     from cmoe.stages.probe import ProbeReport
 
 T = TypeVar("T")
 DONE = "done.json"  # written last into a stage's folder: the stage finished and this is its result
+WALL_KEY = "cmoe_wall_s"  # beside the result in done.json: how long computing it took (for the KPIs)
 
 # Every stage task persists its result as JSON (readable back from the Prefect API) and skips
 # Prefect's input caching: resuming is the job of the stage's own done.json, which survives the
@@ -97,7 +109,7 @@ class TaskOutcome:
 # copy, how often training checkpoints, how the processes are placed. Every other value of the
 # sections below does (the base, where and how experts grow, the locator, decoding, what is kept).
 _NOT_RESULTS = {"data": {"eval_store", "keep_train_cache", "after_decision"},
-                "expand": {"checkpoint_every", "nproc_per_node", "hostfile"}}
+                "expand": {"checkpoint_every", "log_every", "nproc_per_node", "hostfile"}}
 _RESULT_SECTIONS = ("base", "moe", "probe", "expand", "locator", "eval", "data")
 
 
@@ -117,9 +129,15 @@ def resumable(out: Path, result_type: type[T], compute: Callable[[Path], T]) -> 
         return result_type(**{f.name: data[f.name] for f in fields(result_type) if f.init})
     # Leftovers of an unfinished attempt stay: expansion resumes from its own training checkpoints.
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     result = compute(out)
-    write_text_atomic(done, json.dumps(asdict(result), indent=2, default=str))
+    write_text_atomic(done, json.dumps({**asdict(result), WALL_KEY: time.perf_counter() - t0}, indent=2, default=str))
     return result
+
+
+def stage_wall_s(out: Path) -> float:
+    """Seconds the finished stage in `out` took when it was computed (a resumed run reads it back)."""
+    return float(json.loads((out / DONE).read_text()).get(WALL_KEY, 0.0))
 
 
 def _transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -159,7 +177,8 @@ def probe(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, r
     from cmoe.stages.probe import ProbeReport, run_probe
 
     parent_state = champion.state_dir if champion else None
-    report = resumable(runs / "probe", ProbeReport, lambda out: run_probe(cfg, bundle, parent_state, out))
+    curve = partial(registry.log_step, registry.stage_run(run_id, "probe"))  # probe_router/* and probe/* by step
+    report = resumable(runs / "probe", ProbeReport, lambda out: run_probe(cfg, bundle, parent_state, out, curve))
     registry.log_stage(run_id, "probe", report)
     create_table_artifact(
         key="cmoe-probe",
@@ -174,13 +193,30 @@ def probe(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, r
 @stage_task(name="expand")
 def expand(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, plan: ProbeReport,
            eval_set: EvalSetRef, runs: Path, registry: Registry, run_id: str) -> ExpandResult:
-    """Train the planned experts, the task's router and its locator VAE; older weights stay frozen."""
-    from cmoe.stages.expand import ExpandResult
+    """Train the planned experts, the task's router and its locator VAE; older weights stay frozen.
+
+    The training curve (train/loss, train/lr, train/samples_per_s) and the machine's system metrics
+    go to the stage's MLflow run as it trains, and the Prefect progress artifact follows the steps.
+    """
+    from cmoe.stages.expand import ExpandResult, expansion_steps
     from cmoe.stages.launch import expand as run_expand  # in-process, or N ranks (expand.nproc_per_node / hostfile)
 
     parent_state = champion.state_dir if champion else None
-    result = resumable(runs / "expand", ExpandResult,
-                       lambda out: run_expand(cfg, bundle, parent_state, plan, out, eval_set=eval_set))
+    stage_run = registry.stage_run(run_id, "expand")
+    total = expansion_steps(cfg, bundle.counts["train"])
+    progress = create_progress_artifact(0.0, key="cmoe-expand-progress",
+                                        description=f"Expansion of {bundle.name}: {total} optimizer steps")
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        registry.log_step(stage_run, step, metrics, prefix="train/")
+        update_progress_artifact(progress, 100 * step / total)
+
+    def train(out: Path) -> ExpandResult:
+        with registry.system_metrics(stage_run):
+            return run_expand(cfg, bundle, parent_state, plan, out, eval_set=eval_set, on_log=on_log)
+
+    result = resumable(runs / "expand", ExpandResult, train)
+    update_progress_artifact(progress, 100.0)
     registry.log_stage(run_id, "expand", result)
     return result
 
@@ -204,6 +240,22 @@ def evaluate(cfg: CmoeConfig, step: str, state_dir: str, lineage: list[VersionIn
     return report
 
 
+@stage_task(name="kpi")
+def measure(cfg: CmoeConfig, task: str, params_added: int, report: EvalReport, stages: list[str], trained: dict,
+            runs: Path, registry: Registry, run_id: str) -> TaskKpis:
+    """The candidate's KPIs (cmoe.stages.kpi) from its evaluation and the wall times of `stages`, whose
+    training `trained` (an ExpandResult's or RetireResult's `train`) held world_size devices."""
+    from cmoe.stages.kpi import task_kpis
+
+    world = int(trained.get("world_size", 1))
+    kpis = task_kpis(cfg.kpi, task, params_added, report, {stage: stage_wall_s(runs / stage) for stage in stages},
+                     {"expand": world}, str(trained.get("device", "cpu")), runs / "kpi")
+    registry.log_stage(run_id, "kpi", kpis)
+    registry.log_summary(run_id, {"kpi": asdict(kpis)})  # its numbers, as kpi.* metrics
+    create_table_artifact(key="cmoe-kpi", table=kpi_rows(kpis), description=f"KPIs of the candidate ({task})")
+    return kpis
+
+
 @dataclass
 class Candidate:
     """What the gate registers: a new state, its size change and what its version's tags record."""
@@ -219,23 +271,41 @@ class Candidate:
 
 @stage_task(name="gate")
 def gate(cfg: CmoeConfig, candidate: Candidate, champion: Champion | None, key: str, report: EvalReport,
-         summary: dict[str, Any], runs: Path, registry: Registry, run_id: str) -> GateResult:
-    """Apply the gate policy and register the candidate as a model version (alias `candidate`)."""
+         summary: dict[str, Any], kpis: TaskKpis, runs: Path, registry: Registry, run_id: str) -> GateResult:
+    """Apply the gate policy and register the candidate as a model version (alias `candidate`) whose
+    description is its model card."""
     from cmoe.stages.gate import decide
 
     def register(out: Path) -> GateResult:
         decision = decide(cfg.gate, report, champion.acc if champion else None, candidate.params_added,
                           learned=candidate.learned)
+        parent = champion.version if champion else None
+        facts = CardFacts(
+            task=candidate.task, parent_version=parent, bundle_uri=candidate.bundle_uri,
+            bundle_sha256=candidate.bundle_sha256, train_sha256=candidate.tags.get(TRAIN_SHA_TAG),
+            eval_set=json.loads(candidate.tags[EVAL_SET_TAG]) if EVAL_SET_TAG in candidate.tags else None,
+            tasks=report.tasks, row_labels=[f"after {t}" for t in report.tasks[:-1]] + ["candidate"],
+            matrix=report.matrix, metrics=summary, experts=report.experts, kpis=asdict(kpis),
+            gate_outcome=decision.outcome, gate_reasons=decision.reasons, gate_metrics=decision.metrics,
+            learned=candidate.learned)
         version = registry.register_candidate(
             run_id, Path(candidate.state_dir), key=key, task=candidate.task, bundle_uri=candidate.bundle_uri,
-            bundle_sha256=candidate.bundle_sha256, parent_version=champion.version if champion else None,
-            acc=report.acc, metrics=summary, gate=decision.metrics,
+            bundle_sha256=candidate.bundle_sha256, parent_version=parent, acc=report.acc, metrics=summary,
+            gate=decision.metrics, kpis=asdict(kpis), card=card(facts),
             tags={"prefect_flow_run_id": str(flow_run.id), **candidate.tags})
         return GateResult(version, decision.outcome, decision.reasons, decision.metrics)
 
     result = resumable(runs / "gate", GateResult, register)
     registry.log_stage(run_id, "gate", result)
+    create_link_artifact(registry.version_url(result.version), link_text=f"{registry.model_name} v{result.version}",
+                         key="cmoe-model-version", description="The candidate's model version: its model card")
     return result
+
+
+def link_run(registry: Registry, run_id: str, what: str) -> None:
+    """Link this flow run to its MLflow run (config, training curves, system metrics, dataset input)."""
+    create_link_artifact(registry.run_url(run_id), link_text=f"MLflow run of {what}", key="cmoe-mlflow-run",
+                         description="The MLflow run of this flow run")
 
 
 # ---------------------------------------------------------------------------- the flow
@@ -269,6 +339,8 @@ def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> 
     runs = cfg.home / "runs" / key
     run_id = registry.start_task_run(key, bundle.name, bundle.sha256, parent, cfg.model_dump(mode="json"),
                                      tags={"prefect_flow_run_id": str(flow_run.id)})
+    registry.log_bundle_input(run_id, bundle.name, bundle.uri, bundle.sha256, bundle.counts)
+    link_run(registry, run_id, bundle.name)
     try:
         eval_set = keep(cfg, bundle, runs)
         plan = probe(cfg, bundle, champion, runs, registry, run_id)
@@ -283,9 +355,11 @@ def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> 
         report = evaluate(cfg, f"after {bundle.name}", expanded.state_dir, held, runs, registry, run_id)
         summary = headline(report, expanded.params_added)
         registry.log_summary(run_id, {"acc": report.acc, **summary})
+        kpis = measure(cfg, bundle.name, report.params_added[-1], report, ["eval-set", "probe", "expand", "evaluate"],
+                       expanded.train, runs, registry, run_id)
         candidate = Candidate(bundle.name, expanded.state_dir, expanded.params_added, bundle.uri, bundle.sha256,
                               lineage_tags(bundle, eval_set))
-        result = gate(cfg, candidate, champion, key, report, summary, runs, registry, run_id)
+        result = gate(cfg, candidate, champion, key, report, summary, kpis, runs, registry, run_id)
         info = settle(cfg, registry, result.version, result.outcome, result.reasons,
                       review_markdown(result, bundle.name, report, held))
     except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
@@ -295,7 +369,7 @@ def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> 
     release(cfg, bundle, registry, version=info.version)  # settle returns once the version is decided
     outcome = TaskOutcome(bundle.name, bundle.sha256, parent, info.version, info.decision, info.decided_by,
                           info.reason, report.acc, report.avg_acc, report.bwt, expanded.params_added)
-    create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result),
+    create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result, kpis),
                              description=f"Gate decision on {bundle.name}")
     return outcome
 
@@ -351,8 +425,23 @@ def review_markdown(result: GateResult, what: str, report: EvalReport, lineage: 
             f"Answer here, or: `cmoe review approve {result.version} --by NAME --reason TEXT` (or `reject`).")
 
 
-def decision_markdown(outcome: TaskOutcome, result: GateResult) -> str:
-    """The decision artifact: version, decision, who and why, and the gate's metrics."""
+def decision_markdown(outcome: TaskOutcome, result: GateResult, kpis: TaskKpis) -> str:
+    """The decision artifact: version, decision, who and why, the gate's metrics and the KPIs."""
     metrics = "\n".join(f"- {k}: {v}" for k, v in result.metrics.items())
+    table = "\n".join(["| KPI | value |", "|---|---|"] + [f"| {r['kpi']} | {r['value']} |" for r in kpi_rows(kpis)])
     return (f"## {outcome.task}: v{outcome.version} {outcome.decision}\n\n"
-            f"by **{outcome.decided_by}**: {outcome.reason}\n\nGate outcome `{result.outcome}`\n\n{metrics}")
+            f"by **{outcome.decided_by}**: {outcome.reason}\n\nGate outcome `{result.outcome}`\n\n{metrics}"
+            f"\n\n{table}")
+
+
+def kpi_rows(kpis: TaskKpis) -> list[dict[str, str]]:
+    """The KPIs as (name, formatted value) rows: the `cmoe-kpi` table and the decision artifact's."""
+    walls = ", ".join(f"{stage} {s:.1f} s" for stage, s in kpis.wall_s.items())
+    return [{"kpi": name, "value": value} for name, value in (
+        ("params total", f"{kpis.params_total:,}"), ("params active per token", f"{kpis.params_active:,}"),
+        ("params added", f"{kpis.params_added:,}"), ("forward FLOPs per token", f"{kpis.flops_per_token:,}"),
+        ("mis-routed rows", f"{cell(kpis.misrouting_pct)} %"),
+        ("predict latency p50 / p95", f"{kpis.latency_p50_ms:.1f} / {kpis.latency_p95_ms:.1f} ms"),
+        ("predict throughput", f"{kpis.predict_samples_per_s:.1f} rows/s"), ("wall time", walls),
+        ("device-hours", f"{kpis.device_hours:.4f} ({kpis.device} × {kpis.world_size} for the expansion)"),
+        ("estimated cost", f"{kpis.cost:.2f} {kpis.currency}"))]

@@ -37,7 +37,8 @@ from cmoe.config import CmoeConfig, load_config
 from cmoe.data.evalsets import EvalSetRef, delete_eval_set
 from cmoe.registry import REMOVED_TAG, RETIRED_TAG, Champion, Registry, VersionInfo, held_versions
 from flows.continual import (
-    Candidate, TaskOutcome, decision_markdown, evaluate, gate, headline, resumable, review_markdown, stage_task,
+    Candidate, TaskOutcome, decision_markdown, evaluate, gate, headline, link_run, measure, resumable, review_markdown,
+    stage_task,
 )
 from flows.lineage_slot import lineage_slot
 from flows.review import settle
@@ -105,15 +106,17 @@ def retire_from_champion(cfg: CmoeConfig, registry: Registry, task: str) -> Task
     runs = cfg.home / "runs" / key
     run_id = registry.start_task_run(key, task, "", champion.version, cfg.model_dump(mode="json"),
                                      tags={"prefect_flow_run_id": str(flow_run.id), RETIRED_TAG: task})
+    link_run(registry, run_id, f"retiring {task}")
     try:
         retired = retire(cfg, task, champion, runs, registry, run_id)
         # the matrix's rows are the remaining tasks' own; the candidate's is the last
         report = evaluate(cfg, f"after retiring {task}", retired.state_dir, remaining[:-1], runs, registry, run_id)
         summary = headline(report, retired.params_added)
         registry.log_summary(run_id, {"acc": report.acc, **summary})
+        kpis = measure(cfg, task, retired.params_added, report, ["retire", "evaluate"], {}, runs, registry, run_id)
         candidate = Candidate(task, retired.state_dir, retired.params_added, "", "", {RETIRED_TAG: task},
                               learned=False)
-        result = gate(cfg, candidate, champion, key, report, summary, runs, registry, run_id)
+        result = gate(cfg, candidate, champion, key, report, summary, kpis, runs, registry, run_id)
         info = settle(cfg, registry, result.version, result.outcome, result.reasons,
                       review_markdown(result, f"retire {task} ({retire_line(retired)})", report, remaining[:-1]))
     except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
@@ -123,7 +126,7 @@ def retire_from_champion(cfg: CmoeConfig, registry: Registry, task: str) -> Task
     if info.decision == "approved":
         forget_eval_set(cfg, learned, registry, info.version)
     outcome = _outcome(info, champion.version)
-    create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result),
+    create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result, kpis),
                              description=f"Gate decision on retiring {task}")
     return outcome
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from rich.markdown import Markdown
 from rich.table import Table
 
 from cmoe.cli.common import ConfigOpt, console, fail, open_registry, setup, versions_table
@@ -39,9 +40,12 @@ def review_list(config: ConfigOpt = None) -> None:
     console.print(f"champion: {f'v{champion}' if champion else 'none yet'}")
 
 
+CardOpt = Annotated[bool, typer.Option("--card", help="Print the version's model card (its MLflow description).")]
+
+
 @app.command("show")
-def review_show(version: VersionArg, config: ConfigOpt = None) -> None:
-    """Everything recorded about one version: lineage, decision, accuracy, metrics."""
+def review_show(version: VersionArg, config: ConfigOpt = None, card: CardOpt = False) -> None:
+    """Everything recorded about one version: lineage, decision, accuracy, metrics, KPIs (or its model card)."""
     cfg, _ = setup(config)
     from cmoe.registry import RegistryError
 
@@ -50,13 +54,16 @@ def review_show(version: VersionArg, config: ConfigOpt = None) -> None:
         v = registry.version(version)
     except RegistryError as err:
         raise fail(err) from None
+    if card:
+        console.print(Markdown(v.card or f"v{version} has no model card"))
+        return
     aliases = [a for a, n in registry.aliases().items() if n == version]
     console.print(f"[bold]v{v.version}[/] {v.task} {' '.join(f'@{a}' for a in aliases)}")
     console.print(f"bundle:    {v.bundle_uri} (sha256 {v.bundle_sha256[:16]}…)")
     console.print(f"builds on: {f'v{v.parent_version}' if v.parent_version else 'the base'}")
     console.print(f"decision:  {v.decision}" + (f" by {v.decided_by}: {v.reason}" if v.decided_by else ""))
     console.print(versions_table([v]))
-    for name, values in (("metrics", v.metrics), ("gate", v.gate)):
+    for name, values in (("metrics", v.metrics), ("gate", v.gate), ("kpis", v.kpis)):
         console.print(f"{name}: " + ", ".join(f"{k} {x:g}" for k, x in values.items()))
 
 

@@ -12,11 +12,13 @@ and on an MLflow server with S3 artifacts alike.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, is_dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import cached_property
 from importlib import metadata
 from pathlib import Path
@@ -25,13 +27,14 @@ from uuid import uuid4
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from cmoe.config import CmoeConfig
 from cmoe.model.state import StateError, verify_state
 from cmoe.redact import redact_uri
+from cmoe.registry.model_card import with_decision
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
 
 Decision = Literal["approved", "rejected", "pending_review"]
@@ -48,6 +51,11 @@ _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
 # Run params holding a decision, written once: MLflow's database refuses to change a param, so the
 # first answer to claim one is the decision (a second claim fails, atomically).
 _DECISION_PARAM, _PLAN_PARAM = "cmoe.decision", "cmoe.plan_decision"
+# The experiment opens on its training runs, not on MLflow 3's GenAI view (the UI's experiment-type
+# selector writes the same tag).
+_EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+_DIGEST = 36  # MLflow keeps at most 36 characters of a dataset's digest: a sha256's first 36 hex digits
+_log = logging.getLogger(__name__)
 # Exactly what the wrapper imports; listing them skips MLflow's ~20 s requirement inference.
 _REQUIREMENTS = ("cmoe", "mlflow", "torch", "transformers", "safetensors", "pillow", "pandas")
 
@@ -73,6 +81,8 @@ class VersionInfo:
     gate: dict[str, float]  # the gate's metrics
     run_id: str  # the task arrival's parent run
     tags: dict[str, str]
+    kpis: dict[str, float] = field(default_factory=dict)  # cmoe.stages.kpi's TaskKpis, numbers only
+    card: str = ""  # the version's description: its model card (cmoe.registry.model_card), Markdown
 
     @property
     def train_sha256(self) -> str | None:
@@ -172,6 +182,9 @@ class Registry:
         self._artifact_location = cfg.registry.artifact_location or (cfg.home / "mlartifacts").resolve().as_uri()
         self._cache = cfg.home / "registry-cache"  # local copies of registered state directories
         self._model_config = model_config(cfg)  # how the pyfunc decodes: recorded at logging, applied at loading
+        self._system_metrics_s = cfg.registry.system_metrics_s
+        self._ui_url = (cfg.registry.ui_url or (self.tracking_uri if self.tracking_uri.startswith(("http://", "https://"))
+                                                else "http://127.0.0.1:5000")).rstrip("/")
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def _point_mlflow_here(self) -> None:
@@ -185,9 +198,12 @@ class Registry:
         """The experiment's id, created on first use with the configured artifact location."""
         found = self.client.get_experiment_by_name(self._experiment)
         if found is not None:
+            if _EXPERIMENT_KIND[0] not in found.tags:  # made before cmoe set it; a kind someone chose stays
+                self.client.set_experiment_tag(found.experiment_id, *_EXPERIMENT_KIND)
             return found.experiment_id
         try:
-            return self.client.create_experiment(self._experiment, artifact_location=self._artifact_location)
+            return self.client.create_experiment(self._experiment, artifact_location=self._artifact_location,
+                                                 tags=dict([_EXPERIMENT_KIND]))
         except MlflowException:  # created meanwhile by another process
             return self.client.get_experiment_by_name(self._experiment).experiment_id
 
@@ -210,15 +226,58 @@ class Registry:
                 self.client.log_batch(run_id, params=params[i:i + 100])
         return run_id
 
-    def log_stage(self, parent_run_id: str, stage: str, result: Any) -> str:
-        """A nested run for one stage: its numeric results as metrics, its reports and plots as artifacts."""
-        data = asdict(result) if is_dataclass(result) else dict(result)
+    def stage_run(self, parent_run_id: str, stage: str) -> str:
+        """The nested run of one stage of a task arrival (created RUNNING on first use), for its
+        training curve while it runs and its results once it is done (`log_stage`)."""
         found = self.client.search_runs(
             [self.experiment_id],
             f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`cmoe.stage` = '{stage}'", max_results=1)
-        run_id = found[0].info.run_id if found else self.client.create_run(
-            self.experiment_id, run_name=stage,
-            tags={"mlflow.parentRunId": parent_run_id, "cmoe.stage": stage}).info.run_id
+        if found:
+            return found[0].info.run_id
+        return self.client.create_run(self.experiment_id, run_name=stage,
+                                      tags={"mlflow.parentRunId": parent_run_id, "cmoe.stage": stage}).info.run_id
+
+    def log_step(self, run_id: str, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        """One point of a training curve (`<prefix><name>` at `step`). A failure to record it is logged and
+        training goes on: an MLflow hiccup must not cost the expansion it is watching."""
+        now = mlflow.utils.time.get_current_time_millis()
+        try:
+            self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(f"{prefix}{k}", float(v), now, step)
+                                                   for k, v in metrics.items() if _number(v)])
+        except MlflowException as err:
+            _log.warning("training curve point %s not recorded: %s", step, redact_uri(err.message[:300]))
+
+    @contextmanager
+    def system_metrics(self, run_id: str) -> Iterator[None]:
+        """Sample CPU, memory, disk, network (and GPU, with pynvml) onto `run_id` as `system/*` metrics
+        every `registry.system_metrics_s` while the block runs; nothing when that is None."""
+        if self._system_metrics_s is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=self._system_metrics_s, resume_logging=True,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def log_bundle_input(self, run_id: str, name: str, uri: str, sha256: str, rows: dict[str, int]) -> None:
+        """The bundle as the run's training dataset input (MLflow's Dataset column): digest = its sha256
+        (the first 36 digits MLflow keeps; the whole one is in the profile), source = where it was read."""
+        if any(i.dataset.digest == sha256[:_DIGEST] for i in self.client.get_run(run_id).inputs.dataset_inputs):
+            return  # a re-run of the same arrival
+        dataset = Dataset(name=name, digest=sha256[:_DIGEST], source_type="s3" if uri.startswith("s3://") else "local",
+                          source=json.dumps({"uri": redact_uri(uri)}),
+                          profile=json.dumps({"sha256": sha256, "rows": rows}))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
+    def log_stage(self, parent_run_id: str, stage: str, result: Any) -> str:
+        """A nested run for one stage: its numeric results as metrics, its reports and plots as artifacts."""
+        data = asdict(result) if is_dataclass(result) else dict(result)
+        run_id = self.stage_run(parent_run_id, stage)
         self._log_metrics(run_id, data)
         self.client.log_text(run_id, json.dumps(data, indent=2, default=str), f"{stage}.json")
         for name, value in data.items():
@@ -236,6 +295,14 @@ class Registry:
                    for k, v in flatten(data).items() if _number(v)]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+    def run_url(self, run_id: str) -> str:
+        """The run's page in the MLflow UI (`registry.ui_url`)."""
+        return f"{redact_uri(self._ui_url)}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def version_url(self, version: int) -> str:
+        """The model version's page in the MLflow UI: its model card, tags and aliases."""
+        return f"{redact_uri(self._ui_url)}/#/models/{self.model_name}/versions/{version}"
 
     def end_task_run(self, run_id: str, failed: bool = False) -> None:
         """Close the parent run (FINISHED, or FAILED when the flow failed)."""
@@ -276,8 +343,10 @@ class Registry:
     # ------------------------------------------------------------------ versions
     def register_candidate(self, run_id: str, state_dir: Path, *, key: str, task: str, bundle_uri: str,
                            bundle_sha256: str, parent_version: int | None, acc: dict[str, float],
-                           metrics: dict[str, Any], gate: dict[str, Any], tags: dict[str, str] | None = None) -> int:
+                           metrics: dict[str, Any], gate: dict[str, Any], tags: dict[str, str] | None = None,
+                           kpis: dict[str, Any] | None = None, card: str = "") -> int:
         """Log `state_dir` + the pyfunc wrapper as a new version pending a decision; alias `candidate`.
+        `card` (cmoe.registry.model_card) is the version's description; `kpis` go in `kpi.*` tags.
 
         Idempotent per task arrival (`key`): a re-run returns the version registered before.
         """
@@ -297,10 +366,12 @@ class Registry:
             "parent_version": str(parent_version or _NONE), "decision": "pending_review", "decided_by": "",
             "reason": "", "acc": json.dumps(acc),
             **{f"metric.{k}": str(v) for k, v in flatten(metrics).items() if _number(v)},
-            **{f"gate.{k}": str(v) for k, v in flatten(gate).items()}, **(tags or {}),
+            **{f"gate.{k}": str(v) for k, v in flatten(gate).items()},
+            **{f"kpi.{k}": str(v) for k, v in flatten(kpis or {}).items() if _number(v)}, **(tags or {}),
         }
         mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         version = int(mv.version)  # str over REST, int over sqlite
+        self.client.update_model_version(self.model_name, str(version), description=card)
         self.client.set_registered_model_alias(self.model_name, CANDIDATE, str(version))
         return version
 
@@ -355,7 +426,7 @@ class Registry:
             decided_by=tags.get("decided_by", ""), reason=tags.get("reason", ""),
             acc=json.loads(tags.get("acc", "{}")),
             metrics=_numbers(tags, "metric."), gate=_numbers(tags, "gate."),
-            run_id=mv.run_id or "", tags=tags,
+            run_id=mv.run_id or "", tags=tags, kpis=_numbers(tags, "kpi."), card=mv.description or "",
         )
 
     def pending_reviews(self) -> list[VersionInfo]:
@@ -421,6 +492,9 @@ class Registry:
             _rewrite(self.client.set_registered_model_alias, self.model_name, CHAMPION, version)
         if self.aliases().get(CANDIDATE) == info.version:
             self.client.delete_registered_model_alias(self.model_name, CANDIDATE)  # a no-op when already gone
+        card = self.client.get_model_version(self.model_name, version).description or ""
+        _rewrite(self.client.update_model_version, self.model_name, version,
+                 with_decision(card, verdict.decision, verdict.by, verdict.reason))
         _rewrite(self.client.set_model_version_tag, self.model_name, version, "decision", verdict.decision)
         return self.version(info.version)
 

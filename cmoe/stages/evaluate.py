@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cmoe.config import CmoeConfig
-from cmoe.model.cmoe_layer import cmoe_info
+from cmoe.model.cmoe_layer import cmoe_info, cmoe_layers
 from cmoe.model.inference import decode
 from cmoe.model.params import count_params
 from cmoe.model.routing import RoutingMode
 from cmoe.stages import metrics
 from cmoe.data.evalsets import EvalSet
 from cmoe.stages.common import StageError, TaskData, encode_rows, kept_eval_sets, open_lineage
+from cmoe.stages.kpi import flops_per_token
+
+LATENCY_REQUESTS = 32  # single-row predictions timed per evaluation, spread over the kept sets
 
 
 @dataclass
@@ -48,6 +51,13 @@ class EvalReport:
     eval_samples_per_s: float
     report_json: str
     heatmap_png: str
+    # What the KPIs (cmoe.stages.kpi) need of the model: {layer: {task that added them: experts}},
+    # forward FLOPs per token, per-request predict latency (ms, batch of 1) on the first rows of each
+    # kept set, and the batched prediction's throughput (rows/s).
+    experts: dict[str, dict[str, int]] = field(default_factory=dict)
+    flops_per_token: int = 0
+    latency_ms: list[float] = field(default_factory=list)
+    predict_samples_per_s: float = 0.0
 
 
 def answer_task(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig, mode: RoutingMode,
@@ -90,6 +100,8 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
     oracle: dict[str, float] | None = None if single else {}
     names: list[str] = []
     located_all: list[tuple[str, str]] = []
+    served = "single" if single else "locator"  # how users' rows are routed
+    predict_s, latency_ms, prompt_tokens = 0.0, [], []
     for eval_set in eval_sets:
         data = encode_rows(eval_set.spec, eval_set.rows, processor, with_answers=False)
         name = data.spec.name
@@ -97,16 +109,18 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
             raise StageError(f"evaluation set of task {name!r}: this state never learned it (tasks: {info.tasks})")
         names.append(name)
         n += len(data.encoded)
-        if single:
-            preds, _ = answer_task(model, processor, data, cfg, "single", None)
-            acc[name] = task_accuracy(preds, data)
-            continue
-        preds, _ = answer_task(model, processor, data, cfg, "oracle", name)
-        oracle[name] = task_accuracy(preds, data)
-        preds, located = answer_task(model, processor, data, cfg, "locator", None)
+        prompt_tokens += [len(e.input_ids) for e in data.encoded]
+        if not single:
+            preds, _ = answer_task(model, processor, data, cfg, "oracle", name)
+            oracle[name] = task_accuracy(preds, data)
+        t_predict = time.perf_counter()
+        preds, located = answer_task(model, processor, data, cfg, served, None)
+        predict_s += time.perf_counter() - t_predict
         acc[name] = task_accuracy(preds, data)
-        located_all += [(name, t) for t in located]
-    wall = time.perf_counter() - t0
+        if located is not None:
+            located_all += [(name, t) for t in located]
+        latency_ms += request_latency_ms(model, processor, data, cfg, served, max(1, LATENCY_REQUESTS // len(eval_sets)))
+    wall = time.perf_counter() - t0 - sum(latency_ms) / 1000
 
     confusion = None
     locator_acc = None
@@ -126,10 +140,36 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
         params_active=counts.active_per_token, params_added=[counts.added_per_task.get(t, 0) for t in info.tasks],
         eval_samples_per_s=n * (1 if single else 2) / wall,
         report_json=str(out_dir / "eval.json"), heatmap_png=str(out_dir / "accuracy.png"),
+        experts=experts_per_layer(model), latency_ms=latency_ms, predict_samples_per_s=n / predict_s,
+        flops_per_token=flops_per_token(
+            counts.active_per_token, model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size,
+            # the prompt (image tokens included) and the answer, on average half-way through it
+            sum(prompt_tokens) / len(prompt_tokens) + cfg.eval.max_new_tokens / 2),
     )
     Path(report.report_json).write_text(json.dumps(asdict(report), indent=2))
     plot_matrix(matrix, names, Path(report.heatmap_png))
     return report
+
+
+def request_latency_ms(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig, mode: RoutingMode,
+                       rows: int) -> list[float]:
+    """Milliseconds of one-row predictions (what one serving request waits) on the first `rows` rows."""
+    times = []
+    for e in data.encoded[:rows]:
+        t0 = time.perf_counter()
+        decode(model, processor, [e], mode=mode, batch_size=1, max_new_tokens=cfg.eval.max_new_tokens)
+        times.append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def experts_per_layer(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """{CMoE layer: {task that added them ("base" for the upcycled copies): experts}}, in the order they came."""
+    found: dict[str, dict[str, int]] = {}
+    for i, layer in cmoe_layers(model).items():
+        by = found.setdefault(str(i), {})
+        for origin in layer.expert_origin:
+            by[origin] = by.get(origin, 0) + 1
+    return found
 
 
 def _matrix(history: list[dict[str, float]], final: dict[str, float], names: list[str]) -> list[list[float | None]]:

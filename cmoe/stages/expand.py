@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -28,9 +29,10 @@ from cmoe.model.state import save_state
 from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, record_task
 from cmoe.stages.distributed import check_ranks_agree, on_rank0
 from cmoe.stages.probe import ProbeReport
-from cmoe.stages.trainer import TrainResult, TrainSpec, train
+from cmoe.stages.trainer import TrainResult, TrainSpec, total_steps, train
 
 Variant = Literal["cmoe", "single-router", "seq-ft"]
+OnLog = Callable[[int, dict], None]  # the trainer's on_log: (step, {"loss", "lr", "samples_per_s"}), rank 0 only
 
 
 @dataclass
@@ -43,6 +45,19 @@ class ExpandResult:
     train: dict
     locator: dict
     wall_s: float
+
+
+def expansion_spec(cfg: CmoeConfig, name: str, out_dir: Path) -> TrainSpec:
+    """How the expansion of task `name` trains (resume checkpoints in out_dir/checkpoints)."""
+    return TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
+                     seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config,
+                     checkpoint_dir=Path(out_dir) / "checkpoints", checkpoint_every=cfg.expand.checkpoint_every,
+                     desc=f"expand {name}", log_every=cfg.expand.log_every)
+
+
+def expansion_steps(cfg: CmoeConfig, train_rows: int) -> int:
+    """Optimizer steps of an expansion on `train_rows` training examples (what a progress bar counts to)."""
+    return total_steps(expansion_spec(cfg, "", Path()), train_rows)
 
 
 def grow(model: torch.nn.Module, probe: ProbeReport) -> int:
@@ -88,18 +103,21 @@ def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConf
 def run_expand(
     cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
     *, eval_set: EvalSetRef | None = None, copy_base: bool = True, variant: Variant = "cmoe",
+    on_log: OnLog | None = None,
 ) -> ExpandResult:
     """Grow + train task `bundle` on the lineage at `parent_state`; write the new state to out_dir/state.
 
     The state records the task's provenance and `eval_set`, its kept evaluation set (what later
     evaluations re-test it on). `variant` selects the baselines that share this code:
     "single-router" (one shared router, experts grow by the plan, no locator) and "seq-ft" (no
-    growth: every expert and the shared router are fine-tuned on each task in turn).
+    growth: every expert and the shared router are fine-tuned on each task in turn). `on_log`
+    receives the training curve every `expand.log_every` steps.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     model, processor = open_lineage(cfg, parent_state, single_router=variant != "cmoe")
-    name, added, result, locator = expand_model(cfg, model, processor, bundle, probe, out_dir, variant, eval_set)
+    name, added, result, locator = expand_model(cfg, model, processor, bundle, probe, out_dir, variant, eval_set,
+                                                on_log)
     # Only rank 0 writes the state; the other ranks wait for it (a no-op in one process).
     state = on_rank0(lambda: save_state(model, out_dir / "state", copy_base=copy_base, overwrite=True),
                      default=out_dir / "state")
@@ -108,7 +126,7 @@ def run_expand(
 
 def expand_model(
     cfg: CmoeConfig, model: torch.nn.Module, processor, bundle: ValidatedBundle, probe: ProbeReport | None,
-    out_dir: Path, variant: Variant = "cmoe", eval_set: EvalSetRef | None = None,
+    out_dir: Path, variant: Variant = "cmoe", eval_set: EvalSetRef | None = None, on_log: OnLog | None = None,
 ) -> tuple[str, int, TrainResult, dict]:
     """Add task `bundle` to the in-memory `model`: grow, train, fit its locator, record where it came
     from and its kept `eval_set`; (task, params added, training, locator)."""
@@ -126,14 +144,11 @@ def expand_model(
         for layer in cmoe_layers(model).values():
             layer.experts.requires_grad_(True)
 
-    spec = TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
-                     seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config,
-                     checkpoint_dir=Path(out_dir) / "checkpoints", checkpoint_every=cfg.expand.checkpoint_every,
-                     desc=f"expand {name}")
+    spec = expansion_spec(cfg, name, out_dir)
     with route(model, None if variant != "cmoe" else [name]):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] if variant == "seq-ft" else trainable_parameters(model)
-        result = train(model, params, data.encoded, processor.collate, moe_loss, spec)
+        result = train(model, params, data.encoded, processor.collate, moe_loss, spec, on_log=on_log)
         model.eval()
     check_ranks_agree(params, f"expand {name}")  # N processes (torchrun): every rank trained the same
     model.requires_grad_(False)

@@ -9,6 +9,8 @@ Every rank runs `run_expand` on the same arguments: the trainer splits each glob
 ranks (same weights as one process with the same global batch and seed), the ranks check they
 hold identical trained tensors, and rank 0 alone writes OUT/state and OUT/expand.json (the
 ExpandResult). Paths must be visible to every rank (OUT/checkpoints holds the resume checkpoints).
+Rank 0 also appends its training curve to OUT/train_log.jsonl as it trains, one JSON line per
+logged step, which the launching process follows (`read_steps`) to pass it on as it comes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +26,29 @@ from cmoe.env import apply_defaults
 from cmoe.files import write_text_atomic
 
 RESULT_FILE = "expand.json"  # the ExpandResult, written by rank 0 after the state
+STEP_LOG = "train_log.jsonl"  # rank 0's training curve: {"step": N, "metrics": {...}} per line
+
+
+def log_steps(path: Path) -> Callable[[int, dict], None]:
+    """An `on_log` that appends each point of the curve to `path` (the trainer calls it on rank 0 only)."""
+
+    def append(step: int, metrics: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"step": step, "metrics": metrics}) + "\n")
+
+    return append
+
+
+def read_steps(path: Path, offset: int) -> tuple[list[tuple[int, dict]], int]:
+    """The complete lines `log_steps` appended to `path` since byte `offset`, and the offset after them."""
+    if not path.is_file():
+        return [], offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written is read next time
+    points = [json.loads(line) for line in complete.splitlines()]
+    return [(p["step"], p["metrics"]) for p in points], offset + len(complete)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         bundle = open_bundle(args.bundle, cache_dir=cfg.home / "cache")
     result = run_expand(cfg, bundle, args.parent_state, probe, args.out, eval_set=eval_set,
-                        copy_base=not args.no_copy_base, variant=args.variant)
+                        copy_base=not args.no_copy_base, variant=args.variant,
+                        on_log=log_steps(args.out / STEP_LOG))
 
     def write() -> Path:
         out = args.out / RESULT_FILE

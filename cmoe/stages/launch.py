@@ -24,11 +24,12 @@ from cmoe.config import CmoeConfig
 from cmoe.data.evalsets import EvalSetRef
 from cmoe.data.validate import ValidatedBundle
 from cmoe.stages import expand as expand_stage
-from cmoe.stages.expand import ExpandResult, Variant
-from cmoe.stages.expand_main import RESULT_FILE
+from cmoe.stages.expand import ExpandResult, OnLog, Variant
+from cmoe.stages.expand_main import RESULT_FILE, STEP_LOG, read_steps
 from cmoe.stages.probe import ProbeReport
 
 ENTRY = "cmoe.stages.expand_main"
+FOLLOW_S = 1.0  # how often the launching process passes on the ranks' new training-curve points
 _RANK_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
@@ -49,12 +50,14 @@ def launcher_command(cfg: CmoeConfig, args: list[str]) -> list[str]:
 def expand(
     cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
     *, eval_set: EvalSetRef | None = None, copy_base: bool = True, variant: Variant = "cmoe",
+    on_log: OnLog | None = None,
 ) -> ExpandResult:
-    """`run_expand`, in-process or under the configured launcher; same result either way."""
+    """`run_expand`, in-process or under the configured launcher; same result either way, and
+    `on_log` sees the training curve as it comes either way (rank 0's)."""
     if cfg.expand.nproc_per_node == 1 and not cfg.expand.hostfile:
         # looked up at call time: whoever wraps or patches run_expand (tests count its calls) sees this call
         return expand_stage.run_expand(cfg, bundle, parent_state, probe, out_dir, eval_set=eval_set,
-                                       copy_base=copy_base, variant=variant)
+                                       copy_base=copy_base, variant=variant, on_log=on_log)
     out_dir = Path(out_dir).resolve()
     inputs = out_dir / "launch"  # what every rank reads: the exact config, bundle and plan of this call
     inputs.mkdir(parents=True, exist_ok=True)
@@ -74,13 +77,36 @@ def expand(
     if not copy_base:
         args.append("--no-copy-base")
     (out_dir / RESULT_FILE).unlink(missing_ok=True)
+    (out_dir / STEP_LOG).unlink(missing_ok=True)  # a resumed run logs from its checkpoint on
     cmd = launcher_command(cfg, args)
     # The ranks find the code the way this process did, whatever the working directory.
     # A process that trained in-process before holds a rank-0-of-1 group: its rendezvous variables
     # (and port) must not leak into the launched ranks.
     env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-    done = subprocess.run(cmd, env=env, check=False)
-    if done.returncode != 0 or not (out_dir / RESULT_FILE).is_file():
-        raise LaunchError(f"expansion failed (exit {done.returncode}): {' '.join(cmd)}")
+    returncode = _follow(subprocess.Popen(cmd, env=env), out_dir / STEP_LOG, on_log)
+    if returncode != 0 or not (out_dir / RESULT_FILE).is_file():
+        raise LaunchError(f"expansion failed (exit {returncode}): {' '.join(cmd)}")
+    (out_dir / STEP_LOG).unlink(missing_ok=True)  # passed on to on_log: nothing reads it again
     return ExpandResult(**json.loads((out_dir / RESULT_FILE).read_text()))
+
+
+def _follow(process: subprocess.Popen, step_log: Path, on_log: OnLog | None) -> int:
+    """Wait for the launcher, passing rank 0's new training-curve points to `on_log` as they come; its exit code."""
+    offset = 0
+    try:
+        while True:
+            try:
+                returncode = process.wait(timeout=FOLLOW_S)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            if on_log is not None:
+                points, offset = read_steps(step_log, offset)
+                for step, metrics in points:
+                    on_log(step, metrics)
+            if returncode is not None:
+                return returncode
+    except BaseException:  # a failing on_log, or this process told to stop: leave no ranks training behind
+        process.kill()
+        process.wait()
+        raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,8 +94,10 @@ def expert_size(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in layer.experts[0].parameters())
 
 
-def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, out_dir: Path) -> ProbeReport:
-    """Train probes on task `bundle` over the lineage at `parent_state`; write report, chart, probes."""
+def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, out_dir: Path,
+              on_log: Callable[[int, dict], None] | None = None) -> ProbeReport:
+    """Train probes on task `bundle` over the lineage at `parent_state`; write report, chart, probes.
+    `on_log` gets each phase's training curve, keys prefixed `probe_router/` and `probe/`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model, processor = open_lineage(cfg, parent_state)
@@ -113,9 +116,12 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     def phase(steps: int, what: str) -> tuple[TrainResult, float, float]:
         """Train what is trainable now for `steps`; (training, held-out loss, held-out accuracy)."""
         spec = TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.expand.seed,
-                         deepspeed_config=cfg.expand.deepspeed_config, desc=f"{what} {name}")
+                         deepspeed_config=cfg.expand.deepspeed_config, desc=f"{what} {name}",
+                         log_every=cfg.expand.log_every)
+        log = None if on_log is None else (
+            lambda step, m: on_log(step, {f"{what.replace(' ', '_')}/{k}": v for k, v in m.items()}))
         model.train()
-        trained = train(model, trainable_parameters(model), fit, processor.collate, moe_loss, spec)
+        trained = train(model, trainable_parameters(model), fit, processor.collate, moe_loss, spec, on_log=log)
         model.eval()
         return (trained, heldout_loss(model, processor, held, cfg.probe.batch_size),
                 heldout_accuracy(model, processor, data, held_idx, cfg))

@@ -130,7 +130,7 @@ def train(
     steps_per_epoch = len(dataset) // spec.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"dataset has {len(dataset)} items, fewer than one global batch of {spec.batch_size}")
-    total = spec.steps if spec.steps is not None else spec.epochs * steps_per_epoch
+    total = total_steps(spec, len(dataset))
     warmup = math.ceil(spec.warmup_ratio * total)
     config.update(
         train_batch_size=spec.batch_size,
@@ -245,6 +245,11 @@ def train(
         world_size=world,
         device=str(engine.device),
     )
+
+
+def total_steps(spec: TrainSpec, items: int) -> int:
+    """Optimizer steps `train` takes on `items` examples: `spec.steps`, or epochs of full global batches."""
+    return spec.steps if spec.steps is not None else spec.epochs * (items // spec.batch_size)
 
 
 def resolve_config(name: str | Path | None, device_type: str) -> Path:

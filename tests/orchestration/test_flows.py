@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -82,6 +83,71 @@ def test_predict_answers_with_the_champion(watched: tuple[str, list[Any], list[A
     image = next((suite[0] / "test").rglob("*.png"))
     out = cli("predict", "--image", str(image), "--question", "what color is the shape?", "--config", watched[0])
     assert "task" in out and "confidence" in out
+
+
+def artifacts_of(flow_run_id: UUID) -> dict[str, Any]:
+    """{key: latest artifact} a flow run (or its tasks) published."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in sorted(found, key=lambda a: a.created)}
+
+
+def test_a_registered_version_carries_its_model_card_and_its_bundle_as_dataset_input(
+        watched: tuple[str, list[Any], list[Any]], cli: Callable[..., str]) -> None:
+    """The version page's description is the model card; the task's run lists the bundle, digest = its sha256."""
+    registry = Registry(load_config(watched[0]))
+    v2 = registry.version(2)
+    for section in ("## Data", "## Accuracy", "## Experts per layer", "## Size, cost and routing", "## Gate: approve",
+                    "## Hardware", "## Decision\n\n**approved** by **gate**"):
+        assert section in v2.card, section
+    assert v2.bundle_sha256 in v2.card and v2.task in v2.card
+    assert "Experts per layer" in cli("review", "show", "2", "--card", "--config", watched[0])
+
+    (given,) = registry.client.get_run(v2.run_id).inputs.dataset_inputs
+    assert given.dataset.digest == v2.bundle_sha256[:36]  # MLflow keeps 36 characters of a digest
+    assert json.loads(given.dataset.profile)["sha256"] == v2.bundle_sha256
+    assert json.loads(given.dataset.source) == {"uri": v2.bundle_uri}
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
+
+
+def test_probe_and_expansion_log_their_training_curves_step_by_step(watched: tuple[str, list[Any], list[Any]]) -> None:
+    """Every step (tiny config: log_every 1) of both probe phases and of the expansion is a metric point."""
+    cfg = load_config(watched[0])
+    registry = Registry(cfg)
+    run = registry.version(2).run_id
+    expand_run, probe_run = registry.stage_run(run, "expand"), registry.stage_run(run, "probe")
+    steps = registry.client.get_run(expand_run).data.metrics["train.steps"]
+    for name in ("train/loss", "train/lr", "train/samples_per_s"):
+        assert [m.step for m in registry.client.get_metric_history(expand_run, name)] == list(range(1, int(steps) + 1))
+    for name, n in (("probe_router/loss", cfg.probe.router_steps), ("probe/loss", cfg.probe.steps)):
+        assert [m.step for m in registry.client.get_metric_history(probe_run, name)] == list(range(1, n + 1))
+
+
+def test_kpis_are_recorded_and_agree_with_what_they_summarise(watched: tuple[str, list[Any], list[Any]],
+                                                               cli: Callable[..., str]) -> None:
+    """Sizes add up across versions, cost = device-hours × rate, and the KPIs reach MLflow, Prefect and the CLI."""
+    cfg = load_config(watched[0])
+    registry = Registry(cfg)
+    v1, v2 = registry.version(1).kpis, registry.version(2).kpis
+    assert v2["params_total"] - v1["params_total"] == v2["params_added"] > 0  # what task 2 added, measured twice
+    assert v2["params_active"] < v2["params_total"] and v2["flops_per_token"] > 2 * v2["params_active"]
+    assert v2["misrouting_pct"] == pytest.approx(100 - registry.version(2).metrics["locator_acc"])
+    assert 0 < v2["latency_p50_ms"] <= v2["latency_p95_ms"] and v2["predict_samples_per_s"] > 0
+    walls = [v2[f"wall_s.{stage}"] for stage in ("eval-set", "probe", "expand", "evaluate")]
+    assert all(w > 0 for w in walls) and v2["device_hours"] == pytest.approx(sum(walls) / 3600)  # one device
+    assert v2["cost"] == pytest.approx(v2["device_hours"] * cfg.kpi.cost_per_device_hour)
+    assert registry.client.get_run(registry.version(2).run_id).data.metrics["kpi.params_added"] == v2["params_added"]
+    assert "params_added" in cli("review", "show", "2", "--config", watched[0]).split("kpis:")[1]
+
+    artifacts = artifacts_of(UUID(registry.version(2).tags["prefect_flow_run_id"]))  # the run that registered it
+    assert f"| params added | {int(v2['params_added']):,} |" in artifacts["cmoe-decision"].data
+    assert artifacts["cmoe-expand-progress"].data == 100.0
+    assert f"/runs/{registry.version(2).run_id})" in artifacts["cmoe-mlflow-run"].data
+    assert "/#/models/cmoe/versions/2)" in artifacts["cmoe-model-version"].data
 
 
 def test_review_approve_reject_and_resume(suite: list[Path], write_config: Callable[..., str],

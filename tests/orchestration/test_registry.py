@@ -260,3 +260,30 @@ def test_the_config_logged_as_params_carries_no_password(fresh: Registry) -> Non
     params = fresh.client.get_run(run_id).data.params
     assert params["registry.tracking_uri"] == "postgresql://cmoe:***@db:5432/mlflow"
     assert all("SENTINEL_PW_9" not in v for v in params.values())
+
+
+def test_the_experiment_opens_on_its_training_runs(fresh: Registry) -> None:
+    """MLflow 3's UI shows an experiment tagged custom_model_development as runs, not as a GenAI app."""
+    tags = fresh.client.get_experiment(fresh.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_system_metrics_sample_the_machine_onto_the_run_while_the_block_runs(tmp_path: Path) -> None:
+    from .conftest import wait_for
+
+    reg = Registry(CmoeConfig(home=tmp_path, registry={"system_metrics_s": 0.2}))
+    run_id = reg.stage_run(reg.start_task_run("key-sys", "color", "sha", None, {}), "expand")
+    with reg.system_metrics(run_id):
+        wait_for(lambda: "system/cpu_utilization_percentage" in reg.client.get_run(run_id).data.metrics,
+                 timeout=60, what="a system-metrics sample")
+
+
+def test_a_decision_rewrites_only_the_decision_section_of_the_model_card(fresh: Registry, tmp_path: Path) -> None:
+    from cmoe.registry.model_card import with_decision
+
+    version = register(fresh, tmp_path, "color", None, {"color": 90.0})
+    card = with_decision("# color\n\nwhat it learned\n\n", "pending_review", "", "")
+    fresh.client.update_model_version(fresh.model_name, str(version), card)
+    fresh.decide_version(version, "rejected", "ann", "forgets shape")
+    assert fresh.version(version).card == "# color\n\nwhat it learned\n\n<!-- cmoe:decision -->\n## Decision\n\n" \
+                                          "**rejected** by **ann**: forgets shape"

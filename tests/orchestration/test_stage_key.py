@@ -28,6 +28,7 @@ def test_a_config_value_that_changes_a_result_is_new_work(change: dict) -> None:
 @pytest.mark.parametrize("change", [
     {"data": {"after_decision": "move"}}, {"data": {"keep_train_cache": True}}, {"expand": {"checkpoint_every": 7}},
     {"gate": {"max_forgetting": 1.0}}, {"flow": {"review_poll_s": 3}}, {"registry": {"experiment": "other"}},
+    {"expand": {"log_every": 3}}, {"kpi": {"cost_per_device_hour": 9.0}},
 ], ids=lambda c: next(f"{s}.{f}" for s, v in c.items() for f in v))
 def test_a_value_that_changes_no_stage_result_reuses_the_work(change: dict) -> None:
     assert key(**change) == key()

@@ -68,13 +68,15 @@ def test_two_processes_expand_to_the_weights_of_one_and_the_state_loads_in_one(
     # Two processes: the launcher the flow uses, configured for torchrun --nproc_per_node 2.
     cfg.expand.nproc_per_node = 2
     two = tmp_path / "two"
-    result = launch.expand(cfg, opened, None, plan, two)
+    curve: list[int] = []
+    result = launch.expand(cfg, opened, None, plan, two, on_log=lambda step, metrics: curve.append(step))
 
     r1 = json.loads((one / "expand.json").read_text())
     assert (r1["train"]["world_size"], result.train["world_size"]) == (1, 2)
     assert r1["train"]["steps"] == result.train["steps"] >= 4
     assert r1["params_added"] == result.params_added > 0
     assert r1["train"]["final_loss"] == pytest.approx(result.train["final_loss"], abs=1e-5)
+    assert curve == list(range(1, result.train["steps"] + 1))  # rank 0's curve, every step (log_every 1), once
     assert not (two / "checkpoints").exists()  # resume checkpoints are transient
     assert sorted(p.name for p in two.iterdir()) == ["expand.json", "launch", "state"]  # rank 0 wrote once
 
