@@ -6,7 +6,7 @@ apply_defaults()
 
 import typer  # noqa: E402
 
-from cmoe.cli import base, data, doctor, lineage, pipeline, retire, review, serve, stages  # noqa: E402
+from cmoe.cli import base, data, doctor, lineage, pipeline, resources, retire, review, serve, stages  # noqa: E402
 
 app = typer.Typer(
     name="cmoe",
@@ -24,3 +24,4 @@ for command in (pipeline.run, pipeline.watch, retire.retire, review.rollback, li
 for command in (stages.probe, stages.expand, stages.evaluate, stages.bench):
     app.command()(command)
 app.command()(doctor.doctor)
+app.command()(resources.plan_resources)

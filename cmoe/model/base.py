@@ -24,7 +24,7 @@ from transformers import (
 
 from cmoe.config import BaseModelConfig
 from cmoe.model.processor import VLProcessor
-from cmoe.model.tokenizer import IMAGE
+from cmoe.model.tokenizer import BOS, EOS, IMAGE, PAD, SPECIAL_TOKENS
 
 SUPPORTED_TEXT_MODELS = ("llama", "qwen2", "mistral")
 
@@ -33,8 +33,11 @@ class BaseModelError(ValueError):
     """A base checkpoint that cannot be used; the message says which path and why."""
 
 
-def build_tiny_llava(cfg: BaseModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
-    """A freshly initialised tiny LLaVA sized by `cfg`, seeded by `cfg.seed`."""
+def tiny_llava_config(cfg: BaseModelConfig, vocab_size: int | None = None,
+                      special_ids: dict[str, int] | None = None) -> LlavaConfig:
+    """The tiny LLaVA's architecture sized by `cfg`; without a trained tokenizer's figures (sizing),
+    `cfg.vocab_size` tokens with the special tokens at the ids `train_tokenizer` gives them."""
+    ids = special_ids or {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vision = CLIPVisionConfig(
         hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
         num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
@@ -43,18 +46,21 @@ def build_tiny_llava(cfg: BaseModelConfig, tokenizer: PreTrainedTokenizerBase) -
     text = LlamaConfig(
         hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
         num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_heads, vocab_size=len(tokenizer),
+        num_key_value_heads=cfg.text_heads, vocab_size=vocab_size or cfg.vocab_size,
         max_position_embeddings=256, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=ids[PAD], bos_token_id=ids[BOS], eos_token_id=ids[EOS],
     )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=ids[IMAGE],
         # "full" keeps the CLS token: one extra image token, a global summary of the image.
         vision_feature_select_strategy="full", vision_feature_layer=-1,
         projector_hidden_act="gelu",
     )
+
+
+def build_tiny_llava(cfg: BaseModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaForConditionalGeneration:
+    """A freshly initialised tiny LLaVA sized by `cfg`, seeded by `cfg.seed`."""
+    config = tiny_llava_config(cfg, len(tokenizer), {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS})
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
