@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         bundle = ValidatedBundle.from_dict(json.loads(Path(args.bundle).read_text()))
     else:
         bundle = open_bundle(args.bundle, cache_dir=cfg.home / "cache")
+    args.out.mkdir(parents=True, exist_ok=True)  # the step log is appended to before anything else is written
     result = run_expand(cfg, bundle, args.parent_state, probe, args.out, eval_set=eval_set,
                         copy_base=not args.no_copy_base, variant=args.variant,
                         on_log=log_steps(args.out / STEP_LOG))
