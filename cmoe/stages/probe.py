@@ -37,6 +37,7 @@ from cmoe.stages.metrics import score
 from cmoe.stages.trainer import TrainResult, TrainSpec, train
 
 PROBE_FILE = "probe.safetensors"  # trained probes + router: the expansion's warm start
+ROUTING_ROWS = 128  # held-out rows on which each layer's most-used expert (the probe's source) is counted
 
 
 @dataclass
@@ -111,7 +112,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     fit = [data.encoded[i] for i in fit_idx]
     held = [data.encoded[i] for i in held_idx]
 
-    start, start_losses = start_router(model, processor, held, cfg.probe.batch_size)
+    start, start_losses = start_router(model, processor, held, cfg.eval.batch_size)
 
     def phase(steps: int, what: str) -> tuple[TrainResult, float, float]:
         """Train what is trainable now for `steps`; (training, held-out loss, held-out accuracy)."""
@@ -123,20 +124,20 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
         model.train()
         trained = train(model, trainable_parameters(model), fit, processor.collate, moe_loss, spec, on_log=log)
         model.eval()
-        return (trained, heldout_loss(model, processor, held, cfg.probe.batch_size),
+        return (trained, heldout_loss(model, processor, held, cfg.eval.batch_size),
                 heldout_accuracy(model, processor, data, held_idx, cfg))
 
     with route(model, [name]):
         # When, part 1: what the existing pool does for this task with a trained router.
         pool, loss_pool, acc_pool = phase(cfg.probe.router_steps, "probe router")
         with record_routing(model):  # which expert each layer's trained router leans on most
-            _forward_all(model, processor, held[: 4 * cfg.probe.batch_size], cfg.probe.batch_size)
+            _forward_all(model, processor, held[:ROUTING_ROWS], cfg.eval.batch_size)
         attach_probes(model)  # copies of those experts, each behind a new router column
 
         # When, part 2, and where: the probes train beside the router; how much do they help, where?
         result, loss_probes, acc_probes = phase(cfg.probe.steps, "probe")
         with record_routing(model):
-            _forward_all(model, processor, held, cfg.probe.batch_size)
+            _forward_all(model, processor, held, cfg.eval.batch_size)
     raw = probe_scores(model)
     gain = acc_probes - acc_pool
 
