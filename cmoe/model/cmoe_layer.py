@@ -33,6 +33,11 @@ Design decisions (in brackets: the numbered choices of docs/method.md):
   What "selects" means is measured by the caller (`cmoe.stages.retire`). Every other router keeps
   its experts, so the remaining tasks route as before. A single-router model cannot retire a task
   (its one router learned them all).
+- **Compaction** (`remove_expert`, `merge_experts`; the decisions are `cmoe.model.compaction`'s):
+  a task expert leaves the pool with its column of every router that covers it; two merge into one
+  at the earlier position (owned by the earlier task, weights averaged), and each router that
+  covered both keeps one of their two columns. Upcycled base experts are never touched. Experts
+  stay in task order, so a compacted state replays like any other.
 - **Aux loss**: `E * sum_e mean_prob_e * top1_fraction_e` (MoE-LLaVA / DeepSpeed), computed per
   task present in the batch over that task's tokens and weighted by its token share, so it only
   pushes on the router that is training [7]. Under `balance_scope` (training) padding tokens do
@@ -383,6 +388,64 @@ class CMoELayer(nn.Module):
         self.expert_origin = [heir if o == task else o for e, o in enumerate(self.expert_origin) if e not in drop]
         self.stats = None  # counts were sized for the experts before
 
+    # ---------------------------------------------------------------- compaction (cmoe.model.compaction)
+    def covered_by(self, e: int) -> list[int]:
+        """The routers (task indices; [0] for the shared router) whose columns include expert `e`."""
+        return [u for u, w in enumerate(self.routers) if e < w.shape[0]]
+
+    def remove_expert(self, e: int) -> None:
+        """Remove task expert `e` and its column of every router that covers it (bounded growth)."""
+        self._check_compactable(e)
+        self.routers = nn.ParameterList(
+            nn.Parameter(w.detach()[[r for r in range(w.shape[0]) if r != e]], requires_grad=w.requires_grad)
+            if e < w.shape[0] else w for w in self.routers)
+        del self.experts[e]
+        del self.expert_origin[e]
+        self.stats = None  # counts were sized for the experts before
+
+    def merge_experts(self, keep: int, gone: int, column_of: dict[int, int]) -> None:
+        """Replace task experts `keep` < `gone` by one frozen expert at `keep` with their averaged weights
+        (owned by `keep`'s task); every router that covered both keeps the column `column_of[router]`
+        (`keep` or `gone`) for it and loses the other."""
+        self._check_compactable(keep)
+        self._check_compactable(gone)
+        if keep >= gone:
+            raise ValueError(f"CMoE layer {self.layer_index}: merge keeps the earlier expert ({keep} >= {gone})")
+        merged = _frozen_copy(self.experts[keep])
+        with torch.no_grad():
+            for p, q in zip(merged.parameters(), self.experts[gone].parameters()):
+                p.add_(q).mul_(0.5)
+        routers = []
+        for u, w in enumerate(self.routers):
+            if gone < w.shape[0]:
+                w = w.detach().clone()
+                w[keep] = w[column_of[u]]
+                w = nn.Parameter(w[[r for r in range(w.shape[0]) if r != gone]], requires_grad=self.routers[u].requires_grad)
+            routers.append(w)
+        self.routers = nn.ParameterList(routers)
+        self.experts[keep] = merged
+        del self.experts[gone]
+        del self.expert_origin[gone]
+        self.stats = None
+
+    def snapshot(self) -> tuple[list[nn.Module], list[nn.Parameter], list[str]]:
+        """Experts, routers and origins as they are: `restore` undoes a compaction step exactly
+        (the steps replace modules and router tensors, never change them in place)."""
+        return list(self.experts), list(self.routers), list(self.expert_origin)
+
+    def restore(self, snap: tuple[list[nn.Module], list[nn.Parameter], list[str]]) -> None:
+        """Put back what `snapshot` saw."""
+        experts, routers, origins = snap
+        self.experts, self.routers, self.expert_origin = nn.ModuleList(experts), nn.ParameterList(routers), list(origins)
+        self.stats = None
+
+    def _check_compactable(self, e: int) -> None:
+        self._no_probe("compact experts")
+        if not 0 <= e < len(self.experts):
+            raise IndexError(f"CMoE layer {self.layer_index}: no expert {e} (it has {len(self.experts)})")
+        if self.expert_origin[e] == BASE:
+            raise ValueError(f"CMoE layer {self.layer_index}: expert {e} is an upcycled base expert, never changed")
+
     def check_retire(self, task: str, drop: set[int], heir: str | None) -> set[int]:
         """`task`'s experts in this layer, once it is sure `retire` can drop `drop` and hand the rest to `heir`."""
         self._no_probe("retire a task")
@@ -443,6 +506,9 @@ class CMoEInfo(nn.Module):
         # Per task, plain JSON the stages record and the state saves: where its data came from
         # (bundle and train-split hashes: the rehearsal guard's keys) and its kept evaluation set.
         self.task_records: dict[str, dict] = {}
+        # Plain JSON the state saves: one record per compaction (cmoe.stages.compact) of what it
+        # retired and merged, so a state says how its pool came to be smaller than its tasks grew it.
+        self.compactions: list[dict] = []
         self.routing = RoutingState()
         self.locator: TaskLocator = TaskLocator()
 

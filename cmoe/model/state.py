@@ -105,6 +105,7 @@ def save_state(
             "tasks": list(info.tasks),
             "task_records": {task: info.task_records.get(task, {}) for task in info.tasks},
             "experts": {str(i): list(layer.expert_origin) for i, layer in layers.items()},
+            "compactions": list(info.compactions),  # what each `cmoe compact` retired and merged
             "deltas": deltas,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -161,6 +162,7 @@ def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Mo
     info.base_sha256 = sha
     info.locator.temperature = manifest["locator"]["temperature"]
     info.task_records = {task: dict(manifest.get("task_records", {}).get(task, {})) for task in manifest["tasks"]}
+    info.compactions = list(manifest.get("compactions", []))  # absent in states written before compaction
     for t, task in enumerate(manifest["tasks"]):
         _apply_task(model, root, t, task, manifest)
     return model
