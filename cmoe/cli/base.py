@@ -27,6 +27,8 @@ def build(
     if seed is not None:
         cfg.base.seed = seed
     result = build_base(cfg.base, out or cfg.home / "base", cache_dir=cfg.home / "cache", moe=cfg.moe)
+    if result.phases_s:
+        console.print("time per phase: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.phases_s.items()))
     h = result.heldout
     console.print(f"base {'reused' if result.reused else 'built'} at [bold]{result.path}[/] "
                   f"({result.params_total:,} params, weights sha256 {result.weights_sha256[:16]}…, {result.wall_s:.0f} s)")

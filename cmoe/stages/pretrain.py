@@ -17,7 +17,9 @@ import json
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,6 +60,17 @@ class BaseBuildResult:
     moe_stage: dict | None
     train: dict | None  # TrainResult of the pretraining (None when reused)
     wall_s: float
+    # Seconds per build phase (corpus, tokenizer, pretrain, evaluation, moe_stage, moe_evaluation):
+    # where the build's time goes; empty on cards written before it was recorded.
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall time to phases[name]."""
+    t0 = time.perf_counter()
+    yield
+    phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - t0, 1)
 
 
 def lm_loss(model: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Tensor:
@@ -78,12 +91,14 @@ def build_base(
     """Pretrain the tiny base and run its MoE stage (layout `moe`) into `out` (reused for the same recipe)."""
     t0 = time.perf_counter()
     out = Path(out)
+    phases: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if corpus is None:
-            corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples,
-                                           varied_share=cfg.varied_share)
-        cache_dir = cache_dir or Path(tmp) / "cache"
-        bundle = open_bundle(corpus, cache_dir=cache_dir)  # validated and hashed once
+        with _timed(phases, "corpus"):
+            if corpus is None:
+                corpus = write_pretrain_corpus(Path(tmp) / "pretrain", seed=cfg.seed, n_train=cfg.pretrain_samples,
+                                               varied_share=cfg.varied_share)
+            cache_dir = cache_dir or Path(tmp) / "cache"
+            bundle = open_bundle(corpus, cache_dir=cache_dir)  # validated and hashed once
         recipe = _recipe(cfg, moe, bundle.sha256)
         card = out / CARD
         if card.is_file() and json.loads(card.read_text()).get("recipe_sha256") == recipe:
@@ -91,38 +106,43 @@ def build_base(
             saved.pop("config", None)  # the card also records the config; not a result field
             return BaseBuildResult(**{**saved, "reused": True, "train": None, "wall_s": time.perf_counter() - t0})
 
-        with training_scope(bundle, {}):  # the corpus is this stage's own training data
-            train_rows = load_split(bundle, "train", cache_dir=cache_dir)
-        test_rows = load_split(bundle, "test", cache_dir=cache_dir)
-        texts = list(train_rows["question"]) + list(train_rows["answer"]) + [PROMPT]
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
-        model = build_tiny_llava(cfg, tokenizer)
-        processor = VLProcessor(tokenizer, tiny_image_processor(cfg), model.config)
-        # Tokenise once; every epoch reuses the tensors (the trainer only permutes indices).
-        data = [processor.encode(r["image"], r["question"], r["answer"]) for r in train_rows]
+        with _timed(phases, "tokenizer"):
+            with training_scope(bundle, {}):  # the corpus is this stage's own training data
+                train_rows = load_split(bundle, "train", cache_dir=cache_dir)
+            test_rows = load_split(bundle, "test", cache_dir=cache_dir)
+            texts = list(train_rows["question"]) + list(train_rows["answer"]) + [PROMPT]
+            tokenizer = train_tokenizer(texts, cfg.vocab_size)
+            model = build_tiny_llava(cfg, tokenizer)
+            processor = VLProcessor(tokenizer, tiny_image_processor(cfg), model.config)
+            # Tokenise once; every epoch reuses the tensors (the trainer only permutes indices).
+            data = [processor.encode(r["image"], r["question"], r["answer"]) for r in train_rows]
         spec = TrainSpec(epochs=cfg.pretrain_epochs, batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
                          seed=cfg.seed, desc="pretrain base")
-        model.train()
-        result = train(model, list(model.parameters()), data, processor.collate, lm_loss, spec)
-        model.requires_grad_(False).eval()
-        heldout = heldout_scores(model, processor, test_rows, train_rows["answer"])
-        shifted = styleshift_split(cfg.seed, "test", STYLESHIFT_ROWS)
-        styleshift = score_styleshift(model, processor, shifted)
+        with _timed(phases, "pretrain"):
+            model.train()
+            result = train(model, list(model.parameters()), data, processor.collate, lm_loss, spec)
+            model.requires_grad_(False).eval()
+        with _timed(phases, "evaluation"):
+            heldout = heldout_scores(model, processor, test_rows, train_rows["answer"])
+            shifted = styleshift_split(cfg.seed, "test", STYLESHIFT_ROWS)
+            styleshift = score_styleshift(model, processor, shifted)
 
         # A crash never leaves a half-saved base behind; a base of an older recipe is replaced whole.
         with atomic_dir(out) as staging:
             save_base(model, processor, staging)  # the dense checkpoint, before its MLPs are upcycled
             moe_log = None
             if cfg.moe_epochs:
-                test_data = [processor.encode(r["image"], r["question"], r["answer"]) for r in test_rows]
-                moe_log = run_moe_stage(model, processor, data, test_data, cfg, moe)
-                moe_log["heldout"] = heldout_scores(model, processor, test_rows, train_rows["answer"])
-                moe_log["styleshift"] = score_styleshift(model, processor, shifted)
+                with _timed(phases, "moe_stage"):
+                    test_data = [processor.encode(r["image"], r["question"], r["answer"]) for r in test_rows]
+                    moe_log = run_moe_stage(model, processor, data, test_data, cfg, moe)
+                with _timed(phases, "moe_evaluation"):
+                    moe_log["heldout"] = heldout_scores(model, processor, test_rows, train_rows["answer"])
+                    moe_log["styleshift"] = score_styleshift(model, processor, shifted)
                 moe_log["config"] = moe.model_dump()
                 save_moe_base(model, staging)
             saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
                      "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout,
-                     "styleshift": styleshift, "moe_stage": moe_log}
+                     "styleshift": styleshift, "moe_stage": moe_log, "phases_s": phases}
             (staging / CARD).write_text(json.dumps({**saved, "config": cfg.model_dump()}, indent=2))
     return BaseBuildResult(**saved, reused=False, train=asdict(result), wall_s=time.perf_counter() - t0)
 

@@ -41,6 +41,9 @@ def test_same_seed_builds_identical_weights_and_a_second_call_reuses_them(corpus
     assert again.reused and again.train is None
     assert again.weights_sha256 == second.weights_sha256 == weights_sha256(tmp_path / "b")
     assert again.moe_stage == second.moe_stage and again.styleshift == second.styleshift
+    # the card says where the build's time went, phase by phase
+    assert set(second.phases_s) == {"corpus", "tokenizer", "pretrain", "evaluation", "moe_stage", "moe_evaluation"}
+    assert again.phases_s == second.phases_s
 
 
 def test_a_different_seed_builds_different_weights(corpus: Path, tmp_path: Path) -> None:
