@@ -153,9 +153,17 @@ class GateConfig(_Section):
 
     min_new_task_acc: float = Field(50.0, ge=0.0, le=100.0)
     max_forgetting: float = Field(5.0, ge=0.0, le=100.0)  # per old task, vs the champion's recorded accuracy
+    # Per old task, vs its accuracy right after it was learned (the lineage's accuracy-matrix
+    # diagonal): drops within `max_forgetting` per version must not add up without limit.
+    max_forgetting_since_learned: float = Field(10.0, ge=0.0, le=100.0)
     max_avg_drop: float = Field(2.0, ge=0.0, le=100.0)
     max_params_added: int | None = None
     min_locator_acc: float = Field(90.0, ge=0.0, le=100.0)
+    # An input is "unsure" when the locator's best task leads the second by less than this
+    # probability margin; above `max_unsure_share` percent of the new task's evaluation inputs
+    # unsure, a person reviews the candidate (and `cmoe predict` flags unsure answers).
+    min_locator_margin: float = Field(0.1, ge=0.0, le=1.0)
+    max_unsure_share: float = Field(20.0, ge=0.0, le=100.0)
     require_review: bool = False
     review_plan: bool = False  # pause after the probe to approve the expansion plan
 
@@ -290,7 +298,8 @@ def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
         "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2, "log_every": 1},
         "locator": {"epochs": 3, "hidden": 16, "latent_dim": 4},
         "eval": {"batch_size": 32, "max_new_tokens": 4},
-        "gate": {"min_new_task_acc": 0.0, "min_locator_acc": 0.0, "max_forgetting": 100.0, "max_avg_drop": 100.0},
+        "gate": {"min_new_task_acc": 0.0, "min_locator_acc": 0.0, "max_forgetting": 100.0, "max_avg_drop": 100.0,
+                 "max_forgetting_since_learned": 100.0, "max_unsure_share": 100.0},
         "registry": {"system_metrics_s": 0.5},  # a seconds-long expansion still logs a few samples
     })
     return cfg.model_copy(update=overrides)

@@ -5,6 +5,10 @@ Its inputs get the task-bundle validator's limits before any decoder or model se
 supported raster format (never EPS/PS), within the byte and pixel limits by its header, 8 bits per
 channel and decodable; the question must be non-empty, within the characters a bundle row may hold
 and, for a registry version, short enough that its prompt and answer fit the model's positions.
+
+The answer comes with the task the locator picked, its confidence and its margin over the
+second-best task; a margin below `gate.min_locator_margin` is flagged UNSURE (the rows a serving
+system should alert on or send to a person).
 """
 
 from __future__ import annotations
@@ -50,7 +54,18 @@ def predict(
         row = registry.predict(uri, [data], [question])[0]
     except RegistryError as err:
         raise fail(err) from None
-    console.print(f"{row['answer']}  (task {row['task']}, confidence {row['confidence']:.2f})")
+    console.print(answer_line(row, cfg.gate.min_locator_margin), markup=False, highlight=False)
+
+
+def answer_line(row: dict, min_margin: float) -> str:
+    """The answer and how it was routed; UNSURE when the locator's margin is below `min_margin`."""
+    if row.get("task") is None:  # a single-router model: no locator, nothing to be unsure about
+        return str(row["answer"])
+    margin = row["margin"]
+    line = f"{row['answer']}  (task {row['task']}, confidence {row['confidence']:.2f}, margin {margin:.2f})"
+    if margin < min_margin:
+        line += f"  UNSURE: the locator's margin is below gate.min_locator_margin {min_margin:.2f}"
+    return line
 
 
 def _prompt_problem(cfg: CmoeConfig, registry: Registry, uri: str, image: bytes, question: str) -> str | None:

@@ -31,6 +31,7 @@ class Decoded:
     answers: list[str]
     located: list[str] | None  # the task whose router answered (locator routing only)
     confidence: list[float] | None  # the locator's probability for that task (locator routing only)
+    margin: list[float] | None  # how far that probability leads the second-best task's (locator routing only)
 
 
 @torch.no_grad()
@@ -47,6 +48,7 @@ def decode(
     answers: list[str] = []
     located: list[str] | None = [] if mode == "locator" else None
     confidence: list[float] | None = [] if mode == "locator" else None
+    margin: list[float] | None = [] if mode == "locator" else None
     for i in range(0, len(encoded), batch_size):
         b = processor.collate(list(encoded[i:i + batch_size]), left_pad=True, device=device_of(model))
         tasks = [task] * len(b["input_ids"]) if mode == "oracle" else None
@@ -63,8 +65,9 @@ def decode(
         if pred is not None:
             located += pred.names
             confidence += pred.probs.max(dim=-1).values.tolist()
+            margin += pred.margin.tolist()
     model.train(was_training)
-    return Decoded(answers, located, confidence)
+    return Decoded(answers, located, confidence, margin)
 
 
 def answer(

@@ -21,11 +21,12 @@ from PIL import Image
 from cmoe.config import CmoeConfig
 
 STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
-OUTPUT_COLUMNS = ["answer", "task", "confidence"]
+OUTPUT_COLUMNS = ["answer", "task", "confidence", "margin"]
 # `image` is a path or encoded bytes, so its column type is "any"; MLflow checks the rest.
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
-    outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "task"), ColSpec("double", "confidence")]),
+    outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "task"), ColSpec("double", "confidence"),
+                    ColSpec("double", "margin")]),
 )
 
 
@@ -54,7 +55,7 @@ class CmoePyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One row per input: the answer, the task the locator picked, and its confidence."""
+        """One row per input: the answer, the task the locator picked, its confidence and its margin."""
         from cmoe.stages.predict import predict_rows
 
         missing = {"image", "question"} - set(model_input.columns)

@@ -19,7 +19,7 @@ import torch
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info, cmoe_layers
-from cmoe.model.inference import decode
+from cmoe.model.inference import Decoded, decode
 from cmoe.model.params import count_params
 from cmoe.model.routing import RoutingMode
 from cmoe.stages import metrics
@@ -58,14 +58,17 @@ class EvalReport:
     flops_per_token: int = 0
     latency_ms: list[float] = field(default_factory=list)
     predict_samples_per_s: float = 0.0
+    # Per task, each kept-set row's locator margin (best minus second-best task probability) under
+    # locator routing: the gate's share of unsure rows; empty for single-router models.
+    locator_margin: dict[str, list[float]] = field(default_factory=dict)
 
 
 def answer_task(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig, mode: RoutingMode,
-                task: str | None) -> tuple[list[str], list[str] | None]:
-    """Greedy answers for a task's test split under `mode`; also the located task per sample."""
-    out = decode(model, processor, data.encoded, mode=mode, task=task, batch_size=cfg.eval.batch_size,
-                 max_new_tokens=cfg.eval.max_new_tokens)
-    return out.answers, out.located
+                task: str | None) -> Decoded:
+    """Greedy answers for a task's test split under `mode`; under locator routing also the located
+    task and the locator's margin per sample."""
+    return decode(model, processor, data.encoded, mode=mode, task=task, batch_size=cfg.eval.batch_size,
+                  max_new_tokens=cfg.eval.max_new_tokens)
 
 
 def task_accuracy(preds: list[str], data: TaskData) -> float:
@@ -100,6 +103,7 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
     oracle: dict[str, float] | None = None if single else {}
     names: list[str] = []
     located_all: list[tuple[str, str]] = []
+    margins: dict[str, list[float]] = {}
     served = "single" if single else "locator"  # how users' rows are routed
     predict_s, latency_ms, prompt_tokens = 0.0, [], []
     for eval_set in eval_sets:
@@ -111,14 +115,14 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
         n += len(data.encoded)
         prompt_tokens += [len(e.input_ids) for e in data.encoded]
         if not single:
-            preds, _ = answer_task(model, processor, data, cfg, "oracle", name)
-            oracle[name] = task_accuracy(preds, data)
+            oracle[name] = task_accuracy(answer_task(model, processor, data, cfg, "oracle", name).answers, data)
         t_predict = time.perf_counter()
-        preds, located = answer_task(model, processor, data, cfg, served, None)
+        out = answer_task(model, processor, data, cfg, served, None)
         predict_s += time.perf_counter() - t_predict
-        acc[name] = task_accuracy(preds, data)
-        if located is not None:
-            located_all += [(name, t) for t in located]
+        acc[name] = task_accuracy(out.answers, data)
+        if out.located is not None:
+            located_all += [(name, t) for t in out.located]
+            margins[name] = out.margin
         latency_ms += request_latency_ms(model, processor, data, cfg, served, max(1, LATENCY_REQUESTS // len(eval_sets)))
     wall = time.perf_counter() - t0 - sum(latency_ms) / 1000
 
@@ -141,6 +145,7 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
         eval_samples_per_s=n * (1 if single else 2) / wall,
         report_json=str(out_dir / "eval.json"), heatmap_png=str(out_dir / "accuracy.png"),
         experts=experts_per_layer(model), latency_ms=latency_ms, predict_samples_per_s=n / predict_s,
+        locator_margin=margins,
         flops_per_token=flops_per_token(
             counts.active_per_token, model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size,
             # the prompt (image tokens included) and the answer, on average half-way through it

@@ -1,8 +1,10 @@
 """Answer (image, question) rows with a saved CMoE state: what `cmoe predict` and the pyfunc serve.
 
 No task label is needed: the locator (PTL) picks every row's router, and each answer comes with
-the located task and the locator's confidence (its probability for that task), so a serving
-system can alert on, or send to a person, the rows the locator is unsure about. Decoding follows
+the located task, the locator's confidence (its probability for that task) and its margin (how far
+that probability leads the second-best task's), so a serving system can alert on, or send to a
+person, the rows the locator is unsure about (`cmoe predict` flags a margin below
+`gate.min_locator_margin`). Decoding follows
 the config's `eval` section (batch size, answer length), as evaluation does.
 """
 
@@ -34,7 +36,7 @@ def _load(cfg: CmoeConfig, state_dir: Path) -> tuple[torch.nn.Module, VLProcesso
 
 
 def predict_rows(cfg: CmoeConfig, state_dir: str | Path, images: list[Image.Image], questions: list[str]) -> list[dict]:
-    """One {answer, task, confidence} per row; task/confidence are None for a single-router model."""
+    """One {answer, task, confidence, margin} per row; all but the answer are None for a single-router model."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images but {len(questions)} questions: one of each per row")
     model, processor = _load(cfg, Path(state_dir))
@@ -43,5 +45,6 @@ def predict_rows(cfg: CmoeConfig, state_dir: str | Path, images: list[Image.Imag
     out = decode(model, processor, encoded, mode="single" if single else "locator",
                  batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
     if out.located is None:
-        return [{"answer": a, "task": None, "confidence": None} for a in out.answers]
-    return [{"answer": a, "task": t, "confidence": c} for a, t, c in zip(out.answers, out.located, out.confidence)]
+        return [{"answer": a, "task": None, "confidence": None, "margin": None} for a in out.answers]
+    return [{"answer": a, "task": t, "confidence": c, "margin": m}
+            for a, t, c, m in zip(out.answers, out.located, out.confidence, out.margin)]

@@ -82,7 +82,7 @@ def test_predict_answers_with_the_champion(watched: tuple[str, list[Any], list[A
     import cmoe.stages.predict  # noqa: F401 - what the pyfunc runs: an import error fails here, plainly
     image = next((suite[0] / "test").rglob("*.png"))
     out = cli("predict", "--image", str(image), "--question", "what color is the shape?", "--config", watched[0])
-    assert "task" in out and "confidence" in out
+    assert "task" in out and "confidence" in out and "margin" in out
 
 
 def artifacts_of(flow_run_id: UUID) -> dict[str, Any]:
@@ -152,7 +152,8 @@ def test_kpis_are_recorded_and_agree_with_what_they_summarise(watched: tuple[str
 
 def test_review_approve_reject_and_resume(suite: list[Path], write_config: Callable[..., str],
                                           cli: Callable[..., str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plan + version approved through `cmoe review`; a failed evaluation resumes there; a reject keeps the champion."""
+    """Plan + version approved through `cmoe review`; a rejected plan trains nothing; a failed evaluation
+    resumes there; the automatic gate rejects what its thresholds refuse, and the champion stays."""
     import cmoe.stages.evaluate as evaluate
     import cmoe.stages.expand as expand
     import cmoe.stages.probe as probe
@@ -160,6 +161,8 @@ def test_review_approve_reject_and_resume(suite: list[Path], write_config: Calla
 
     with_plan = write_config("plan", require_review=True, review_plan=True)
     review = write_config("review", require_review=True)
+    # The session's tiny base scores 0 % on a new task (tests/stages/conftest.py): this gate rejects it.
+    strict = write_config("strict", min_new_task_acc=50.0)
     registry = Registry(load_config(review))
 
     # Task 1: the run pauses on its expansion plan, then on the candidate; both approved from the CLI.
@@ -174,10 +177,20 @@ def test_review_approve_reject_and_resume(suite: list[Path], write_config: Calla
     assert (outcome.version, outcome.decision, outcome.decided_by) == (1, "approved", "ann")
     assert registry.champion().version == 1
 
-    # Task 2: evaluation fails once; the re-run resumes at evaluation (probe and expansion are not redone).
+    # Task 2: its expansion plan is rejected from the CLI: nothing is trained, nothing is registered.
     calls = {"run_probe": 0, "run_expand": 0}
     count_calls(monkeypatch, probe, "run_probe", calls)
     count_calls(monkeypatch, expand, "run_expand", calls)
+    run = in_background(continual_task, str(suite[1]), with_plan)
+    name = wait_for(registry.pending_plans, what="plan review")[0].tags["prefect_flow_run_name"]
+    cli("review", "reject", name, "--by", "bob", "--reason", "too many experts", "--config", review)
+    outcome = run.result(timeout=300)
+    assert (outcome.version, outcome.decision, outcome.decided_by) == (None, "plan_rejected", "bob")
+    assert calls == {"run_probe": 1, "run_expand": 0}
+    assert [v.version for v in registry.versions()] == [1] and registry.champion().version == 1
+
+    # Task 2 again, without a plan review: evaluation fails once; the re-run resumes at evaluation
+    # (the probe is the rejected plan's, the expansion is not redone).
     real_evaluate = evaluate.run_evaluate
 
     def fail_once(*args: Any, **kwargs: Any) -> Any:
@@ -187,19 +200,20 @@ def test_review_approve_reject_and_resume(suite: list[Path], write_config: Calla
     monkeypatch.setattr(evaluate, "run_evaluate", fail_once)
     with pytest.raises(RuntimeError, match="injected"):
         continual_task(str(suite[1]), review)
-    run = in_background(continual_task, str(suite[1]), review)
-    wait_for(registry.pending_reviews, what="candidate review")
+    # The gate is not part of the stages' key: the re-run under the strict gate resumes the same work.
+    outcome = continual_task(str(suite[1]), strict)
     assert calls == {"run_probe": 1, "run_expand": 1}
 
-    # Rejected from the CLI: the champion stays, the decision is recorded on the version.
-    cli("review", "reject", "2", "--by", "bob", "--reason", "forgets task 1", "--config", review)
-    outcome = run.result(timeout=300)
-    assert (outcome.version, outcome.decision) == (2, "rejected")
+    # Rejected by the automatic gate: the champion stays, the decision is recorded on the version.
+    assert (outcome.version, outcome.decision, outcome.decided_by) == (2, "rejected", "gate")
     assert registry.champion().version == 1
     v2 = registry.version(2)
-    assert (v2.decision, v2.decided_by, v2.reason, v2.parent_version) == ("rejected", "bob", "forgets task 1", 1)
+    assert (v2.decision, v2.decided_by, v2.parent_version) == ("rejected", "gate", 1)
+    assert v2.reason.startswith("new task") and "< 50.0" in v2.reason
+    assert "already rejected (by gate: new task" in refusal("review", "approve", "2", "--by", "bob", "--reason", "late",
+                                                            "--config", review)
     assert "nothing waits" in cli("review", "list", "--config", review)
-    assert "rejected by bob" in cli("review", "show", "2", "--config", review)
+    assert "rejected by gate" in cli("review", "show", "2", "--config", review)
 
 
 def with_flow(config: str, **flow: Any) -> str:

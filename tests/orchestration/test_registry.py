@@ -121,18 +121,18 @@ def test_champion_pyfunc_answers_rows(registry: Registry, tmp_path: Path, monkey
     def predict_rows(cfg: CmoeConfig, state_dir: Path, images: list, questions: list[str]) -> list[dict]:
         seen["state"] = json.loads((Path(state_dir) / "cmoe.json").read_text())
         seen["max_new_tokens"] = cfg.eval.max_new_tokens
-        return [{"answer": "red" if im.getpixel((0, 0)) == (255, 0, 0) else "?", "task": "color", "confidence": 0.9}
-                for im in images]
+        return [{"answer": "red" if im.getpixel((0, 0)) == (255, 0, 0) else "?", "task": "color", "confidence": 0.9,
+                 "margin": 0.8} for im in images]
 
     monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
     png = with_champion(registry, tmp_path)
     model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}@champion")
     out = model.predict(pd.DataFrame({"image": [str(png), png.read_bytes()], "question": ["what color?"] * 2}))
-    assert list(out.columns) == ["answer", "task", "confidence"]
+    assert list(out.columns) == ["answer", "task", "confidence", "margin"]
     assert list(out["answer"]) == ["red", "red"] and seen["state"]["format_version"] == 1
     assert seen["max_new_tokens"] == RECORDED_TOKENS  # decoding settings recorded with the model
     assert registry.predict("models:/cmoe@champion", [str(png)], ["what color?"]) == [
-        {"answer": "red", "task": "color", "confidence": 0.9}]
+        {"answer": "red", "task": "color", "confidence": 0.9, "margin": 0.8}]
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name}@champion"))
     assert not list(model_dir.rglob("*.pkl"))  # models-from-code: nothing to unpickle
 
@@ -144,7 +144,7 @@ def test_predict_through_the_registry_decodes_as_the_callers_config_says(
 
     def predict_rows(cfg: CmoeConfig, state_dir: Path, images: list, questions: list[str]) -> list[dict]:
         seen["eval"] = cfg.eval.model_dump()
-        return [{"answer": "?", "task": "color", "confidence": 0.5} for _ in images]
+        return [{"answer": "?", "task": "color", "confidence": 0.5, "margin": 0.1} for _ in images]
 
     monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
     png = with_champion(registry, tmp_path)

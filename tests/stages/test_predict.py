@@ -24,3 +24,5 @@ def test_answers_stop_at_the_configs_eval_max_new_tokens(lineage: Lineage, tiny_
     assert [r["task"] for r in short] == [r["task"] for r in long]  # the same routing, only cut short
     assert all(b["answer"].startswith(a["answer"]) for a, b in zip(short, long))  # greedy: a prefix
     assert [r["answer"] for r in short] != [r["answer"] for r in long]
+    # each answer says how sure the locator was: its margin over the second-best task, at most its probability
+    assert all(0.0 <= r["margin"] <= r["confidence"] <= 1.0 for r in long)
