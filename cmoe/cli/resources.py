@@ -21,6 +21,8 @@ def plan_resources(
     text_tokens: Annotated[int, typer.Option(min=1, help="Text tokens per sample (question + answer).")] = 64,
     learned_tasks: Annotated[int, typer.Option(
         min=0, help="Tasks already in the lineage, each with the most experts a plan allows.")] = 0,
+    gpus: Annotated[int | None, typer.Option(
+        min=1, help="Also show the expansion's memory per GPU on this many ranks (nproc_per_node x hosts).")] = None,
     device: Annotated[Literal["gpu", "cpu"], typer.Option(
         help="Which variant of expand.deepspeed_config to plan for (GPU: bf16 autocast; CPU: fp32).")] = "gpu",
     config: ConfigOpt = None,
@@ -45,11 +47,11 @@ def plan_resources(
                       source=str(folder) if folder else "the tiny default (config base section)")
     except (SizingError, FileNotFoundError) as err:
         raise fail(err) from None
-    _print_plan(result, cfg.moe, continual)
+    _print_plan(result, cfg.moe, continual, gpus)
 
 
-def _print_plan(plan: ResourcePlan, moe, setup: TrainingSetup) -> None:  # noqa: ANN001 - MoEConfig
-    """The plan's header lines, one table row per stage and the GPUs a whole task needs."""
+def _print_plan(plan: ResourcePlan, moe, setup: TrainingSetup, gpus: int | None) -> None:  # noqa: ANN001 - MoEConfig
+    """The plan's header lines, one table row per stage, the GPUs a whole task needs (and what `gpus` ranks hold)."""
     from cmoe.model.sizing import GPUS, HEADROOM
 
     s = plan.shape
@@ -66,13 +68,14 @@ def _print_plan(plan: ResourcePlan, moe, setup: TrainingSetup) -> None:  # noqa:
                   f"gradient accumulation {setup.grad_accum}; evaluation: fp32, one process")
     table = Table("stage", "batch", "seq", "params", "trainable", "weights GiB", "grads GiB", "optimizer GiB",
                   "activations GiB/sample", title="memory per stage, unpartitioned (one GPU, no ZeRO split)")
-    fits = Table("stage", *(f"on {g} GPUs" for g in GPUS),
-                 title=f"smallest setup: fewest GPUs, then gradient accumulation; fits at <= {HEADROOM:.0%} of a GPU")
+    fits = Table("stage", *(f"on {g} GPUs" for g in GPUS), *([f"on {gpus} ranks"] if gpus else []),
+                 title=f"smallest setup per GPU class (fewest GPUs, then gradient accumulation; at most "
+                       f"{HEADROOM:.0%} of a GPU) and GiB per GPU")
     for stage in plan.stages:
         table.add_row(stage.stage, str(stage.batch_size), str(stage.seq_len), _count(stage.params_total),
                       _count(stage.trainable), _gib(stage.weights_bytes + stage.weight_copies_bytes),
                       _gib(stage.grads_bytes), _gib(stage.optimizer_bytes), _gib(stage.activation_bytes_per_sample))
-        fits.add_row(stage.stage, *(_setup(stage, cap) for cap in GPUS.values()))
+        fits.add_row(stage.stage, *(_setup(stage, cap) for cap in GPUS.values()), *([_on(stage, gpus)] if gpus else []))
     console.print(table)
     console.print(fits)
     if any(st.weight_copies_bytes for st in plan.stages):
@@ -87,20 +90,31 @@ def _print_plan(plan: ResourcePlan, moe, setup: TrainingSetup) -> None:  # noqa:
 
 
 def _setup(stage: StagePlan, capacity: int) -> str:
-    """'N GPU, accumulation A (micro-batch M): X GiB each', or why none fits."""
+    """'N GPUs, accum A, micro M: X GiB' (per GPU), or why none fits."""
     from cmoe.model.sizing import HEADROOM, WORLD_SIZES
 
     fit = stage.smallest(capacity)
     if fit is None:
         replicated = stage.weights_bytes + stage.weight_copies_bytes  # ZeRO <= 2 splits no weight
         if replicated > HEADROOM * capacity:
-            return f"no: the weights alone ({replicated / 2**30:.1f} GiB) fill each GPU"
+            return f"no: weights alone {replicated / 2**30:.1f} GiB"
         return f"no: not on {WORLD_SIZES[-1]} GPUs" if stage.setup else "no: not on one GPU (one process)"
     world, accum = fit
     need = sum(stage.per_gpu(world, accum).values()) / 2**30
     micro = stage.batch_size // (world * accum)
-    return f"{world} GPU, accumulation {accum} (micro-batch {micro}): {need:.1f} GiB each" if stage.setup \
+    return f"{world} GPU{'s' if world > 1 else ''}, accum {accum}, micro {micro}: {need:.1f} GiB" if stage.setup \
         else f"1 GPU: {need:.1f} GiB"
+
+
+def _on(stage: StagePlan, world: int) -> str:
+    """Memory per GPU of `stage` on `world` ranks with the DeepSpeed config's accumulation."""
+    if not stage.distributed:
+        return "one process"
+    accum = stage.setup.grad_accum  # a distributed stage trains: it has a setup
+    need = stage.per_gpu(world)
+    if need is None:
+        return f"no: batch {stage.batch_size} is not {world} x {accum} x micro"
+    return f"micro {stage.batch_size // (world * accum)}: {sum(need.values()) / 2**30:.1f} GiB"
 
 
 def _gib(n: int) -> str:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from cmoe.config import CmoeConfig
+from cmoe.config import CmoeConfig, ProbeConfig
 from cmoe.model.base import SUPPORTED_TEXT_MODELS, tiny_llava_config
 from cmoe.model.cmoe_layer import add_expert, add_task, attach_probes, cmoe_layers, drop_probes
 from cmoe.model.params import count_params
@@ -90,13 +90,16 @@ class StagePlan:
     grads_bytes: int  # unpartitioned
     optimizer_bytes: int  # unpartitioned: AdamW moments (+ fp32 master partition under ZeRO or bf16 weights)
     activation_bytes_per_sample: int  # kept for the backward (training) or KV cache + working set (evaluation)
-    setup: TrainingSetup | None  # None: no training (evaluation), one process
+    setup: TrainingSetup | None  # None: no training (evaluation)
+    # Only the expansion is launched over ranks (expand.nproc_per_node, expand.hostfile); the other
+    # stages run in the calling process, on one GPU.
+    distributed: bool = False
 
     def per_gpu(self, world: int, accum: int | None = None) -> dict[str, int] | None:
         """Bytes on each of `world` ranks by kind, with `accum` micro-steps per step (default: the
-        DeepSpeed config's); None when the batch does not split into them."""
+        DeepSpeed config's); None when the stage does not run on `world` ranks that way."""
         accum = accum or (self.setup.grad_accum if self.setup else 1)
-        if self.batch_size % (world * accum) or (self.setup is None and world > 1):
+        if self.batch_size % (world * accum) or (world > 1 and not self.distributed):
             return None
         zero = self.setup.zero_stage if self.setup else 0
         return {
@@ -110,7 +113,7 @@ class StagePlan:
         """The fewest GPUs of `capacity` bytes the stage fits on, and the gradient accumulation it then
         needs (the config's, doubled until the micro-batch fits); None: not within WORLD_SIZES."""
         base = self.setup.grad_accum if self.setup else 1
-        for world in WORLD_SIZES:
+        for world in WORLD_SIZES if self.distributed else (1,):
             accum = base
             while (need := self.per_gpu(world, accum)) is not None:
                 if sum(need.values()) <= HEADROOM * capacity:
@@ -193,20 +196,31 @@ def plan_resources(
     convert_to_cmoe(model, cfg.moe)
     layers = cmoe_layers(model)
     per_expert = _numel(next(iter(layers.values())).experts[0])
-    n_grow = max(1, math.floor(cfg.probe.max_layer_share * len(layers)))
-    per_layer = 1 if cfg.probe.double_expert_ratio is None else 2
     for t in range(learned_tasks):  # each earlier task grew the most a plan allows; all of it frozen now
         add_task(model, f"task{t}")
-        _grow(model, n_grow, per_layer)
+        grow_most(model, cfg.probe)
         model.requires_grad_(False)
     add_task(model, "next")
     attach_probes(model, source=0)  # the probe phase trains more than the router-only phase before it
     stages.append(_train_stage("probe", model, cfg.probe.batch_size, seq, setup, cfg.moe.top_k))
     drop_probes(model)
-    _grow(model, n_grow, per_layer)
-    stages.append(_train_stage("expansion", model, cfg.expand.batch_size, seq, setup, cfg.moe.top_k))
+    added = grow_most(model, cfg.probe)
+    stages.append(replace(_train_stage("expansion", model, cfg.expand.batch_size, seq, setup, cfg.moe.top_k),
+                          distributed=True))
     stages.append(_eval_stage(model, cfg, seq))
-    return ResourcePlan(source, shape, n_img, text_tokens, per_expert, n_grow * per_layer, stages)
+    return ResourcePlan(source, shape, n_img, text_tokens, per_expert, added, stages)
+
+
+def grow_most(model: nn.Module, probe: ProbeConfig) -> int:
+    """Grow the current task as much as a PGKE plan may (`probe.max_layer_share` of the CMoE layers, 1
+    expert each, 2 with `double_expert_ratio`; all layers' experts are the same size); experts added."""
+    layers = list(cmoe_layers(model))
+    per_layer = 1 if probe.double_expert_ratio is None else 2
+    chosen = layers[: max(1, math.floor(probe.max_layer_share * len(layers)))]
+    for i in chosen:
+        for _ in range(per_layer):
+            add_expert(model, i, init="copy")
+    return len(chosen) * per_layer
 
 
 def model_flops_per_sample(model: nn.Module, seq_len: int) -> float:
@@ -217,7 +231,8 @@ def model_flops_per_sample(model: nn.Module, seq_len: int) -> float:
     tc = config.text_config
     counts = count_params(model)
     text = text_model(model)
-    vision = counts.total - _numel(text) - _numel(model.get_output_embeddings())
+    text_ids = {id(p) for m in (text, model.get_output_embeddings()) for p in m.parameters()}  # tied or not
+    vision = sum(p.numel() for p in model.parameters() if id(p) not in text_ids)  # tower + projector
     text_matmul = counts.active_per_token - vision - _numel(text.embed_tokens)
     forward = 2 * text_matmul * seq_len + 4 * tc.num_hidden_layers * seq_len**2 * tc.hidden_size
     return 2 * forward + 2 * vision * image_tokens(config)
@@ -305,13 +320,6 @@ def _meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
     """The LLaVA model of `config` with shapes and no storage: a 7 B model costs no memory and no init time."""
     with torch.device("meta"):
         return LlavaForConditionalGeneration(config)
-
-
-def _grow(model: nn.Module, layers: int, per_layer: int) -> None:
-    """Add `per_layer` experts to each of the first `layers` CMoE layers (all are the same size)."""
-    for i in list(cmoe_layers(model))[:layers]:
-        for _ in range(per_layer):
-            add_expert(model, i, init="copy")
 
 
 def _numel(module: nn.Module | None) -> int:

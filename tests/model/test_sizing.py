@@ -65,12 +65,18 @@ def test_the_tiny_default_plan_matches_the_parameters_and_optimizer_state_of_a_r
 def test_zero_stages_split_optimizer_state_then_gradients_over_the_ranks() -> None:
     def stage(zero: int) -> StagePlan:
         setup = training_setup({"zero_optimization": {"stage": zero}}, f"zero{zero}")
-        return StagePlan("expansion", 8, 10, 100, 10, 400, 0, 40, 80, 1, setup)
+        return StagePlan("expansion", 8, 10, 100, 10, 400, 0, 40, 80, 1, setup, distributed=True)
 
     assert stage(0).per_gpu(2) == {"weights": 400, "gradients": 40, "optimizer": 80, "activations": 4}
     assert stage(1).per_gpu(2) == {"weights": 400, "gradients": 40, "optimizer": 40, "activations": 4}
     assert stage(2).per_gpu(2) == {"weights": 400, "gradients": 20, "optimizer": 40, "activations": 4}
     assert stage(2).per_gpu(3) is None  # a global batch of 8 does not split over 3 ranks
+
+
+def test_stages_that_run_in_one_process_are_planned_on_one_gpu_only() -> None:
+    plan = plan_resources(None, tiny_test_config("."), _cpu_setup("zero2_cpu.json"))
+    assert {s.stage: s.per_gpu(2) is not None for s in plan.stages} == {
+        "probe": False, "expansion": True, "evaluation": False}
 
 
 def test_the_7b_example_is_planned_from_its_config_json_and_names_the_gpus_it_needs() -> None:
