@@ -67,6 +67,9 @@ class MoEConfig(_Section):
     initial_experts: int = Field(4, ge=1)  # E0 copies of the dense MLP ("upcycling")
     top_k: int = Field(2, ge=1)
     aux_loss_coef: float = Field(0.01, ge=0.0)  # load-balancing loss weight
+    # Bounded growth: a CMoE layer holds at most this many experts (E0 included); a full layer is
+    # compacted (`compact:`) before it grows, and grows only into the room that frees. None = unbounded.
+    max_experts_per_layer: int | None = Field(None, ge=1)
 
     @field_validator("top_k")
     @classmethod
@@ -104,6 +107,22 @@ class ProbeConfig(_Section):
     # coin-mini's tiny base most scores pass 2 * tau once the pool has grown (tau falls as experts
     # are added), and doubling then added more parameters than naive expansion (docs/method.md).
     double_expert_ratio: float | None = Field(None, gt=0.0)
+
+
+class CompactConfig(_Section):
+    """Bounded growth (`cmoe compact`, and a full layer before it grows): which task experts go or merge.
+
+    Measured on the kept evaluation sets, each task's router on its own set (docs/method.md,
+    "Bounded growth"); upcycled base experts are never changed.
+    """
+
+    # A task expert whose share of top-k picks is at most this under every router that covers it is retired.
+    min_use: float = Field(0.01, ge=0.0, le=1.0)
+    # Two task experts whose outputs on the layer's inputs have a mean per-token cosine >= this merge.
+    merge_similarity: float = Field(0.99, ge=-1.0, le=1.0)
+    # A step is kept only if no task's accuracy falls more than this many points below its accuracy
+    # before the compaction (locator routing, as the gate measures it).
+    max_drop: float = Field(1.0, ge=0.0, le=100.0)
 
 
 class ExpandConfig(_Section):
@@ -236,6 +255,7 @@ class CmoeConfig(_Section):
     moe: MoEConfig = MoEConfig()
     probe: ProbeConfig = ProbeConfig()
     expand: ExpandConfig = ExpandConfig()
+    compact: CompactConfig = CompactConfig()
     locator: LocatorConfig = LocatorConfig()
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()

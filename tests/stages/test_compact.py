@@ -1,0 +1,80 @@
+"""Compact stage on the session's two-task lineage (task 1: two experts in layer 0, task 2: one in layer 1):
+unused experts are retired and similar ones merged on the kept evaluation sets, the new state loads
+and records it, and a full layer is compacted before it grows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import Lineage
+
+
+def _compact(lineage: Lineage, tmp: Path, **compact: float):  # noqa: ANN202 - CompactResult
+    from cmoe.stages.compact import run_compact
+
+    cfg = lineage.cfg.model_copy(update={"compact": lineage.cfg.compact.model_copy(update=compact)})
+    return run_compact(cfg, lineage.state(1), tmp / "compact")
+
+
+@pytest.fixture(scope="module")
+def retired(lineage: Lineage, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """Every task expert counts as unused (min_use 1) and any drop is allowed: all three go."""
+    return _compact(lineage, tmp_path_factory.mktemp("retire-all"), min_use=1.0, merge_similarity=1.0, max_drop=100.0)
+
+
+@pytest.fixture(scope="module")
+def merged(lineage: Lineage, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """No expert is unused at 0, every pair is similar enough: task 1's two experts in layer 0 merge."""
+    return _compact(lineage, tmp_path_factory.mktemp("merge-all"), min_use=0.0, merge_similarity=-1.0, max_drop=100.0)
+
+
+def test_unused_experts_are_retired_and_the_state_loads_without_them(retired) -> None:  # noqa: ANN001
+    from cmoe.model.cmoe_layer import cmoe_layers
+    from cmoe.model.state import load_state, read_manifest
+
+    assert (retired.experts_before, retired.experts_after) == ({"0": 4, "1": 3}, {"0": 2, "1": 2})
+    assert retired.retired == 3 and retired.merged == 0 and retired.params_added < 0
+    model = load_state(retired.state_dir)
+    assert [len(layer.experts) for layer in cmoe_layers(model).values()] == [2, 2]
+    [entry] = read_manifest(Path(retired.state_dir))["compactions"]
+    assert sorted((s["kind"], s["layer"]) for s in entry["steps"]) == [("retire", 0), ("retire", 0), ("retire", 1)]
+
+
+def test_similar_experts_merge_into_one_of_the_earlier_task(merged) -> None:  # noqa: ANN001
+    from cmoe.model.state import read_manifest
+
+    merges = [s for s in merged.steps if s["kind"] == "merge" and s["outcome"] == "kept"]
+    assert [(s["layer"], s["experts"]) for s in merges] == [(0, [2, 3])]
+    assert merged.experts_after == {"0": 3, "1": 3}
+    manifest = read_manifest(Path(merged.state_dir))
+    assert manifest["experts"]["0"] == ["base", "base", manifest["tasks"][0]]
+
+
+def test_a_step_that_drops_a_task_past_the_limit_is_refused(lineage: Lineage, tmp_path: Path) -> None:
+    from cmoe.model.cmoe_layer import cmoe_layers
+    from cmoe.model.state import load_state
+
+    strict = _compact(lineage, tmp_path, min_use=1.0, merge_similarity=1.0, max_drop=0.0)
+    assert all((s["outcome"] == "kept") == (s["drop"] <= 0.0) for s in strict.steps)
+    assert all(strict.acc_after[t] >= strict.acc_before[t] for t in strict.acc_before)
+    kept = sum(s["outcome"] == "kept" for s in strict.steps)
+    assert sum(len(x.experts) for x in cmoe_layers(load_state(strict.state_dir)).values()) == 7 - kept
+
+
+def test_a_full_layer_is_compacted_before_it_grows(lineage: Lineage, tmp_path: Path) -> None:
+    from cmoe.model.cmoe_layer import cmoe_layers
+    from cmoe.model.state import load_state
+    from cmoe.stages.compact import cap_plan, room, run_make_room
+
+    cfg = lineage.cfg.model_copy(update={
+        "moe": lineage.cfg.moe.model_copy(update={"max_experts_per_layer": 4}),  # layer 0 holds 4: full
+        "compact": lineage.cfg.compact.model_copy(update={"min_use": 1.0, "max_drop": 100.0})})
+    made = run_make_room(cfg, lineage.state(1), tmp_path / "room")
+    assert made is not None and made.experts_after == {"0": 3, "1": 3}  # one freed in the full layer only
+    free = room(cfg, load_state(made.state_dir))
+    assert free == {0: 1, 1: 1} and cap_plan({"0": 2, "1": 1}, free) == {"0": 1, "1": 1}
+    assert [len(x.experts) for x in cmoe_layers(load_state(made.state_dir)).values()] == [3, 3]
+    roomy = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"max_experts_per_layer": 5})})
+    assert run_make_room(roomy, lineage.state(1), tmp_path / "none") is None
