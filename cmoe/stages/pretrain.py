@@ -78,10 +78,15 @@ def lm_loss(model: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Ten
     return model(**batch, num_items_in_batch=glob.label_tokens).loss
 
 
+# The MoE settings that shape the base's MoE stage; the others (e.g. a cap on growth) act only on the
+# continual stages and must not invalidate a built base.
+MOE_RECIPE_FIELDS = {"layers", "initial_experts", "top_k", "aux_loss_coef"}
+
+
 def _recipe(cfg: BaseModelConfig, moe: MoEConfig, corpus_sha: str) -> str:
     fields = {"base": cfg.model_dump(exclude={"path"}), "corpus": corpus_sha}
     if cfg.moe_epochs:  # the MoE layout shapes the saved experts
-        fields["moe"] = moe.model_dump()
+        fields["moe"] = moe.model_dump(include=MOE_RECIPE_FIELDS)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -138,7 +143,7 @@ def build_base(
                 with _timed(phases, "moe_evaluation"):
                     moe_log["heldout"] = heldout_scores(model, processor, test_rows, train_rows["answer"])
                     moe_log["styleshift"] = score_styleshift(model, processor, shifted)
-                moe_log["config"] = moe.model_dump()
+                moe_log["config"] = moe.model_dump(include=MOE_RECIPE_FIELDS)
                 save_moe_base(model, staging)
             saved = {"path": str(out), "recipe_sha256": recipe, "weights_sha256": weights_sha256(staging),
                      "params_total": sum(p.numel() for p in model.parameters()), "heldout": heldout,

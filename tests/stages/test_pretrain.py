@@ -61,6 +61,9 @@ def test_another_moe_layout_is_another_recipe(corpus: Path, tmp_path: Path) -> N
     three = _build(cfg, tmp_path / "base", corpus, MOE.model_copy(update={"initial_experts": 3}))
     assert not three.reused and three.recipe_sha256 != two.recipe_sha256
     assert len(three.moe_stage["utilisation"]["0"]) == 3
+    # a setting of the continual stages only (the growth cap) keeps the built base
+    capped = _build(cfg, tmp_path / "base", corpus, MOE.model_copy(update={"initial_experts": 3, "max_experts_per_layer": 6}))
+    assert capped.reused and capped.recipe_sha256 == three.recipe_sha256
 
 
 def test_cli_base_build_reports_the_moe_stage_and_the_style_shift(tmp_path: Path) -> None:
