@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config  # noqa: E402
 
 from benchmarks.moe_layer import build, time_fwd_bwd  # noqa: E402
-from cmoe.config import CmoeConfig, load_config, tiny_test_config  # noqa: E402
+from cmoe.config import CmoeConfig, ProbeConfig, load_config, tiny_test_config  # noqa: E402
 from cmoe.model.base import tiny_llava_config  # noqa: E402
 from cmoe.model.cmoe_layer import add_task, attach_probes, drop_probes, trainable_parameters  # noqa: E402
 from cmoe.model.processor import IGNORE  # noqa: E402
@@ -69,7 +69,9 @@ def shapes(device: str) -> dict[str, tuple[LlavaConfig, CmoeConfig]]:
         tiny = tiny_test_config(".")
         return {"tiny": (tiny_llava_config(tiny.base), tiny)}
     cfg = load_config(EXAMPLE / "cmoe.yaml")  # the 7 B example's MoE layout and batches, for both shapes
-    return {"0.5b": (qwen2_half_b(), cfg), "7b": (read_base_config(EXAMPLE), cfg)}
+    half = cfg.model_copy(deep=True)
+    half.probe.batch_size = ProbeConfig().batch_size  # the 7 B example's batch of 1 is its GPU's limit, not 0.5 B's
+    return {"0.5b": (qwen2_half_b(), half), "7b": (read_base_config(EXAMPLE), cfg)}
 
 
 def synthetic_rows(config: LlavaConfig, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -195,7 +197,7 @@ class _SyncInBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
