@@ -33,6 +33,7 @@ from cmoe.model.inference import decode, device_of
 from cmoe.model.processor import IGNORE
 from cmoe.model.routing import route
 from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, split_holdout
+from cmoe.stages.compact import cap_plan, room
 from cmoe.stages.metrics import score
 from cmoe.stages.trainer import TrainResult, TrainSpec, train
 
@@ -143,7 +144,8 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
 
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
                   "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
-    plan = make_plan(cfg, scores, gain, loss_pool - loss_probes)
+    # A layer at moe.max_experts_per_layer grows only by the room its compaction made (cmoe.stages.compact).
+    plan = cap_plan(make_plan(cfg, scores, gain, loss_pool - loss_probes), room(cfg, model))
     per_expert = expert_size(model)
     params_to_add = sum(plan.values()) * per_expert
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)

@@ -111,6 +111,12 @@ def test_the_stage_plans_by_the_configured_threshold(make_cfg, suite: list, tmp_
     assert report.params_to_add == sum(plan.values()) * expert_size(open_lineage(cfg, None)[0])
 
 
+def test_a_layer_at_the_expert_cap_does_not_grow(make_cfg, suite: list, tmp_path: Path) -> None:
+    """tau 0 would grow both layers; at moe.max_experts_per_layer = the 2 upcycled experts neither has room."""
+    cfg = make_cfg(probe={"tau": 0.0}, moe={"max_experts_per_layer": 2})
+    assert run_probe(cfg, suite[0], None, tmp_path / "probe").plan == {}
+
+
 def test_report_json_chart_and_probe_weights_are_written(probe_run: tuple[CmoeConfig, ProbeReport, Routed]) -> None:
     _, report, _ = probe_run
     assert json.loads(Path(report.report_json).read_text()) == json.loads(json.dumps(asdict(report)))
