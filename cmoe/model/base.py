@@ -114,10 +114,23 @@ def save_base(model: LlavaForConditionalGeneration, processor: VLProcessor, out:
     processor.image_processor.save_pretrained(out)
 
 
-def weights_sha256(path: str | Path) -> str:
-    """sha256 over the checkpoint's safetensors files (names and bytes): the base's identity."""
+# Beside the weights, the files that make a base answer as it does, whichever of them a checkpoint
+# has: its architecture, its generation defaults, its tokenizer and its image processor. A changed
+# config or tokenizer changes every answer as surely as changed weights.
+IDENTITY_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "tokenizer.model", "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja")
+
+
+def weights_sha256(path: str | Path, *, weights_only: bool = False) -> str:
+    """sha256 over the base's identity (names and bytes): its safetensors files and the `IDENTITY_FILES`
+    beside them; `weights_only`: the safetensors files alone, the identity older states recorded."""
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not weights_only:
+        files += [root / name for name in IDENTITY_FILES if (root / name).is_file()]
     h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
+    for f in files:
         h.update(f.name.encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()

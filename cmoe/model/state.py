@@ -11,7 +11,9 @@ Layout (docs/architecture.md "State format")::
 Loading = base + conversion with the manifest's MoE config + every task's delta in order, which
 reproduces the saved model exactly (the upcycled experts are copies of the base, so they are not
 stored). Everything is checked before anything is built: the format version, the base's sha256
-(over its safetensors files), and for each delta its sha256 and its tensor names, shapes and
+(over its safetensors files and its config, tokenizer and processor files; `base.sha256_of`
+says so, and a state written before it was recorded is checked over its safetensors files, as
+it was written), and for each delta its sha256 and its tensor names, shapes and
 dtypes; each failure names the file and what is wrong. safetensors + JSON only, never pickle.
 Saving writes into a temporary sibling directory and renames it into place, so a crash never
 leaves a half-written state. Delta paths are derived from the task name (validated at
@@ -42,6 +44,9 @@ from cmoe.model.locator import TaskVAE
 from cmoe.model.surgery import convert_to_cmoe, dense_base
 
 FORMAT_VERSION = 1
+# What the manifest's base.sha256 covers (base.weights_sha256); states without `base.sha256_of`
+# recorded the safetensors files alone.
+BASE_HASH_OF, _OLD_BASE_HASH_OF = "weights+config+tokenizer", "weights"
 MANIFEST = "cmoe.json"
 DELTA_KINDS = ("experts", "router", "locator")
 BaseLoader = Callable[[str], nn.Module]
@@ -93,6 +98,7 @@ def save_state(
         else:
             assert src is not None
             base_entry = {"path": str(src.resolve()), "copied": False, "sha256": sha}
+        base_entry["sha256_of"] = BASE_HASH_OF
         deltas = {task: _write_task(model, tmp, t, task) for t, task in enumerate(info.tasks)}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -150,7 +156,8 @@ def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Mo
     root = Path(path)
     manifest = verify_state(root)
     base_dir = base_folder(root, manifest)
-    sha = manifest["base"]["sha256"]
+    # What a later save_state compares the base with: today's identity (an older state's is re-hashed).
+    sha = manifest["base"]["sha256"] if manifest["base"].get("sha256_of") == BASE_HASH_OF else weights_sha256(base_dir)
     model = (base_loader or _load_llava)(str(base_dir))
     moe = manifest["moe"]
     convert_to_cmoe(
@@ -173,7 +180,7 @@ def verify_state(path: str | Path) -> dict:
     base's sha256, every delta's sha256 and tensors. Its manifest; StateError naming what is wrong."""
     root = Path(path)
     manifest = read_manifest(root)
-    _checked_base(base_folder(root, manifest), manifest["base"]["sha256"])
+    _checked_base(base_folder(root, manifest), manifest["base"])
     for task in manifest["tasks"]:
         for kind, entry in manifest["deltas"][task].items():
             _verify_delta(root / "tasks" / task / f"{kind}.safetensors", entry)
@@ -224,14 +231,17 @@ def read_manifest(root: Path) -> dict:
     return manifest
 
 
-def _checked_base(base_dir: Path, expected: str) -> str:
+def _checked_base(base_dir: Path, entry: dict) -> None:
+    """StateError unless the base folder's identity is the manifest's `base.sha256` (over what `sha256_of` says)."""
     if not base_dir.is_dir():
         raise StateError(f"{base_dir}: the base directory named by the manifest does not exist")
-    sha = weights_sha256(base_dir)
-    if sha != expected:
-        raise StateError(f"{base_dir}: base weights sha256 {sha} differs from the manifest's {expected} "
-                         "(a different or modified base)")
-    return sha
+    covers = entry.get("sha256_of", _OLD_BASE_HASH_OF)
+    if covers not in (BASE_HASH_OF, _OLD_BASE_HASH_OF):
+        raise StateError(f"{base_dir}: the manifest's base.sha256_of {str(covers)[:80]!r} is unknown to this cmoe")
+    sha = weights_sha256(base_dir, weights_only=covers == _OLD_BASE_HASH_OF)
+    if sha != entry["sha256"]:
+        raise StateError(f"{base_dir}: base sha256 {sha} differs from the manifest's {entry['sha256']} "
+                         f"(over its {covers}: a different or modified base)")
 
 
 def _verify_delta(file: Path, entry: dict) -> None:

@@ -36,6 +36,7 @@ from cmoe.model.state import StateError, verify_state
 from cmoe.redact import redact_uri
 from cmoe.registry.model_card import with_decision
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
+from cmoe.registry.trusted_code import MODEL_CODE, model_code_problem
 
 Decision = Literal["approved", "rejected", "pending_review"]
 PlanReview = Literal["pending", "approved", "rejected"]
@@ -45,7 +46,6 @@ TRAIN_SHA_TAG = "train_sha256"  # the task's train-split hash (the rehearsal gua
 EVAL_SET_TAG = "eval_set"  # JSON of the task's kept evaluation set
 REMOVED_TAG = "retention.removed"  # JSON list of the local copies deleted once it was decided
 RETIRED_TAG = "retired"  # on a retirement's version: the task it removed (its `task` tag names it too)
-_MODEL_CODE = Path(__file__).with_name("model_code.py")  # models-from-code: the wrapper is rebuilt, not unpickled
 _NONE = "none"  # tag value of "no parent version"
 _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
 # Run params holding a decision, written once: MLflow's database refuses to change a param, so the
@@ -358,7 +358,7 @@ class Registry:
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(_MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
+                name="model", python_model=str(MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
                 signature=SIGNATURE, model_config=self._model_config,
                 pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in _REQUIREMENTS])
         version_tags = {
@@ -522,16 +522,21 @@ class Registry:
         return previous
 
     def predict(self, model_uri: str, images: list[Any], questions: list[str]) -> list[dict[str, Any]]:
-        """Answers of a registered model (e.g. `models:/cmoe@champion`) through its pyfunc, decoded per this config."""
+        """Answers of a registered model (e.g. `models:/cmoe@champion`) through its pyfunc, decoded per this
+        config; downloaded first, and loaded only if the code it would run is this installation's."""
         import pandas as pd
 
         self._point_mlflow_here()
-        try:
-            model = mlflow.pyfunc.load_model(model_uri, model_config=self._model_config)
-        except MlflowException as err:  # e.g. no champion yet
-            raise RegistryError(f"cannot load {model_uri} from {redact_uri(self.tracking_uri)}: "
-                                f"{redact_uri(err.message)}") from None
-        return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
+        with tempfile.TemporaryDirectory(prefix="cmoe-predict-") as tmp:
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+                if problem := model_code_problem(local):
+                    raise RegistryError(f"refusing to load {model_uri}: {problem}")
+                model = mlflow.pyfunc.load_model(str(local), model_config=self._model_config)
+            except MlflowException as err:  # e.g. no champion yet
+                raise RegistryError(f"cannot load {model_uri} from {redact_uri(self.tracking_uri)}: "
+                                    f"{redact_uri(err.message)}") from None
+            return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
 
     def champion(self) -> Champion | None:
         """The champion's version, a local copy of its state directory and its accuracy; None before any."""

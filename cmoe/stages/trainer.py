@@ -12,12 +12,18 @@ run on rank 0 only.
 
 Resume checkpoints are DeepSpeed's own, i.e. torch pickles: they live in `spec.checkpoint_dir`
 (visible to every rank) only to resume this run, are deleted when it finishes, and must never be
-published or loaded from anywhere else (the durable state is the caller's safetensors).
+published or loaded from anywhere else (the durable state is the caller's safetensors). Since
+loading one unpickles it, rank 0 records the sha256 of every file of each checkpoint it wrote in
+`HASHES` (written atomically after the checkpoint), and a resume hands DeepSpeed only a checkpoint
+whose files are exactly the recorded ones: a changed, added or missing file is refused before
+anything is loaded. A checkpoint cut short before its hashes were recorded is never loaded: the
+run resumes from the newest recorded one (or starts fresh).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -37,14 +43,20 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from cmoe.files import write_text_atomic
 from cmoe.net import free_port
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 _STEP_TAG = re.compile(r"^step(\d+)(_universal)?$")
 _KEEP_CHECKPOINTS = 2
 IGNORE_INDEX = -100  # label value losses skip (Hugging Face's convention)
-# Files DeepSpeed writes next to the step folders (markers and its conversion scripts).
-_DEEPSPEED_EXTRAS = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py")
+HASHES = "sha256.json"  # {tag: {file relative to the tag's folder: sha256}} of the checkpoints written
+# Files written next to the step folders (DeepSpeed's markers and conversion scripts, the hashes).
+_DEEPSPEED_EXTRAS = ("latest", "latest_universal", "zero_to_fp32.py", "zero_to_torch.py", HASHES)
+
+
+class CheckpointError(ValueError):
+    """A resume checkpoint that must not be loaded (unpickled): the message names the file and why."""
 
 
 @dataclass
@@ -217,9 +229,10 @@ def train(
                 client = {"step": done, "epoch": done // steps_per_epoch, "losses": losses, "fingerprint": fingerprint}
                 engine.save_checkpoint(
                     str(ckpt_dir), tag=f"step{done}", client_state=client, exclude_frozen_parameters=True
-                )
+                )  # returns once every rank has written its files
                 if rank == 0:
                     _prune_checkpoints(ckpt_dir, keep=_KEEP_CHECKPOINTS)
+                    _record_hashes(ckpt_dir, f"step{done}")
             if on_log is not None and rank == 0 and (done % spec.log_every == 0 or done == total):
                 on_log(done, {"loss": loss_value, "lr": lr, "samples_per_s": samples_per_s})
         loop_s = time.perf_counter() - t_loop
@@ -266,10 +279,12 @@ def resolve_config(name: str | Path | None, device_type: str) -> Path:
 
 
 def _resume_tag(ckpt_dir: Path | None, config: dict[str, Any], world: int, rank: int) -> str | None:
-    """Tag of the checkpoint to resume from (None: start fresh); converts it if the world size changed."""
+    """Tag of the verified checkpoint to resume from (None: start fresh); converts it if the world size changed."""
     if ckpt_dir is None or not (ckpt_dir / "latest").is_file():
         return None
-    tag = (ckpt_dir / "latest").read_text().strip()
+    tag = _recorded_tag(ckpt_dir)
+    if tag is None:
+        return None
     saved_world = len(list((ckpt_dir / tag).glob("zero_pp_rank_*_optim_states.pt")))  # 0 under ZeRO-0
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if (saved_world > 0) != (stage > 0):
@@ -279,16 +294,93 @@ def _resume_tag(ckpt_dir: Path | None, config: dict[str, Any], world: int, rank:
     # ZeRO-1/2 optimizer state is partitioned by world size; DeepSpeed reloads it on another world
     # size only from a "universal" checkpoint, which its own converter writes.
     universal = f"{tag}_universal"
-    if rank == 0 and not (ckpt_dir / universal).is_dir():
+    if rank == 0 and universal not in _read_hashes(ckpt_dir):  # converted here, from the verified tag
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
+        shutil.rmtree(ckpt_dir / universal, ignore_errors=True)  # a folder this run did not record is not used
         to_universal(argparse.Namespace(
             input_folder=str(ckpt_dir / tag), output_folder=str(ckpt_dir / universal), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
         ))
+        _record_hashes(ckpt_dir, universal)
     dist.barrier()
+    _verify_checkpoint(ckpt_dir, universal)
     config["checkpoint"] = {"load_universal": True}
     return universal
+
+
+def _recorded_tag(ckpt_dir: Path) -> str | None:
+    """The tag `latest` names once its files are checked against `HASHES`; the newest recorded tag
+    when `latest` names a newer checkpoint cut short before its hashes were recorded (None: none).
+
+    CheckpointError for a `latest` that is not a step tag or names an older, unrecorded one, and for
+    a checkpoint whose files differ from the recorded ones: nothing is loaded from it.
+    """
+    latest = (ckpt_dir / "latest").read_text().strip()
+    m = _STEP_TAG.match(latest)
+    if m is None or m[2]:
+        raise CheckpointError(f"{ckpt_dir / 'latest'}: names {latest[:80]!r}, not a step checkpoint of this trainer; "
+                              f"delete {ckpt_dir} to start fresh")
+    recorded = sorted((int(r[1]), tag) for tag in _read_hashes(ckpt_dir)
+                      if (r := _STEP_TAG.match(tag)) and not r[2])
+    if latest not in {tag for _, tag in recorded}:
+        if recorded and recorded[-1][0] > int(m[1]):
+            raise CheckpointError(f"{ckpt_dir / 'latest'}: names {latest}, older than the recorded "
+                                  f"{recorded[-1][1]}; delete {ckpt_dir} to start fresh")
+        # A crash between DeepSpeed writing the checkpoint and its hashes being recorded.
+        latest = recorded[-1][1] if recorded else None
+    if latest is not None:
+        _verify_checkpoint(ckpt_dir, latest)
+    return latest
+
+
+def _read_hashes(ckpt_dir: Path) -> dict[str, dict[str, str]]:
+    """{tag: {relative file: sha256}} of the recorded checkpoints; {} before the first one."""
+    file = ckpt_dir / HASHES
+    if not file.is_file():
+        return {}
+    try:
+        hashes = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({err}); delete {ckpt_dir} to start fresh") from None
+    if not isinstance(hashes, dict) or not all(isinstance(v, dict) for v in hashes.values()):
+        raise CheckpointError(f"{file}: not a {{tag: {{file: sha256}}}} record; delete {ckpt_dir} to start fresh")
+    return hashes
+
+
+def _record_hashes(ckpt_dir: Path, tag: str) -> None:
+    """Add `tag`'s files to `HASHES` (and drop the tags pruned since); rank 0, once the checkpoint is written."""
+    kept = {t: h for t, h in _read_hashes(ckpt_dir).items() if (ckpt_dir / t).is_dir()}
+    kept[tag] = _folder_hashes(ckpt_dir / tag)
+    write_text_atomic(ckpt_dir / HASHES, json.dumps(kept, indent=1, sort_keys=True))
+
+
+def _verify_checkpoint(ckpt_dir: Path, tag: str) -> None:
+    """CheckpointError unless `tag`'s folder holds exactly the files recorded for it, byte for byte."""
+    expected = _read_hashes(ckpt_dir).get(tag)
+    folder = ckpt_dir / tag
+    if expected is None or not folder.is_dir():
+        raise CheckpointError(f"{folder}: no recorded checkpoint of this run; delete {ckpt_dir} to start fresh")
+    found = _folder_hashes(folder)
+    for name in sorted(expected.keys() | found.keys()):
+        if found.get(name) != expected.get(name):
+            what = ("missing" if name not in found else "not written by this run" if name not in expected
+                    else f"sha256 {found[name][:16]}… differs from the recorded {expected[name][:16]}…")
+            raise CheckpointError(f"{folder / name}: {what}; refusing to load (unpickle) this checkpoint. "
+                                  f"Delete {ckpt_dir} to start fresh")
+
+
+def _folder_hashes(folder: Path) -> dict[str, str]:
+    """{file relative to `folder`: sha256} of every file below it."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():  # a link counts as the file DeepSpeed would open through it
+            h = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            hashes[str(path.relative_to(folder))] = h.hexdigest()
+    return hashes
 
 
 def _load_config(name: str | Path | None, device_type: str) -> dict[str, Any]:

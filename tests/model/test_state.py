@@ -14,6 +14,7 @@ from cmoe.config import LocatorConfig, MoEConfig
 from cmoe.model.cmoe_layer import add_expert, add_task, attach_probes, cmoe_info, cmoe_layers
 from cmoe.model.locator import fit_task_vae, locator_features
 from cmoe.model.routing import route
+from cmoe.model.base import weights_sha256
 from cmoe.model.state import StateError, load_state, save_state
 from cmoe.model.surgery import convert_to_cmoe
 
@@ -124,11 +125,22 @@ def _modified_base(state: Path) -> None:
     model.save_pretrained(base)
 
 
+def _base_file(name: str, edit: Callable[[str], str]) -> Callable[[Path], None]:
+    """Damage: one config or tokenizer file of the referenced base rewritten by `edit` (created when absent)."""
+    def damage(state: Path) -> None:
+        f = Path(json.loads((state / "cmoe.json").read_text())["base"]["path"]) / name
+        f.write_text(edit(f.read_text() if f.is_file() else ""))
+    return damage
+
+
 @pytest.mark.parametrize("damage, message", [
     (_corrupt_byte, r"tasks/b/experts.safetensors: sha256 \w+ does not match"),
     (_wrong_shape, r"tasks/a/router.safetensors: tensor layers.2.router is \{'shape': \[3, 32\]"),
     (_edit_manifest("format_version", 2), r"cmoe.json: format_version 2 is unknown; this cmoe reads 1"),
-    (_modified_base, r"base weights sha256 \w+ differs from the manifest's"),
+    (_modified_base, r"base sha256 \w+ differs from the manifest's \w+ \(over its weights\+config\+tokenizer"),
+    (_base_file("config.json", lambda t: t.replace('"vocab_size"', '"pad_token_id": 0, "vocab_size"', 1)),
+     r"base sha256 \w+ differs from the manifest's"),
+    (_base_file("tokenizer.json", lambda t: t + "{}"), r"base sha256 \w+ differs from the manifest's"),
     (_edit_manifest("deltas", {}), r"cmoe.json: task 'a' needs experts and router deltas"),
     (lambda s: (s / "tasks" / "a" / "locator.safetensors").unlink(), r"tasks/a/locator.safetensors: delta file missing"),
 ])
@@ -149,3 +161,18 @@ def test_save_is_atomic_and_refuses_probes(saved, tmp_path: Path) -> None:  # no
     assert not (tmp_path / "probed").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     assert cmoe_info(model).tasks == ["a", "b"]
+
+
+def test_a_state_that_recorded_the_weights_alone_still_loads_and_resaves(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    """States written before the base hash covered config and tokenizer are checked as they were written."""
+    model, state = saved
+    manifest = json.loads((state / "cmoe.json").read_text())
+    base = Path(manifest["base"]["path"])
+    assert manifest["base"]["sha256"] == weights_sha256(base) != weights_sha256(base, weights_only=True)
+    del manifest["base"]["sha256_of"]
+    manifest["base"]["sha256"] = weights_sha256(base, weights_only=True)
+    (state / "cmoe.json").write_text(json.dumps(manifest))
+    loaded = load_state(state, LlavaForConditionalGeneration.from_pretrained)
+    assert torch.equal(_logits(loaded, "a"), _logits(model, "a"))
+    resaved = json.loads((save_state(loaded, tmp_path / "resaved") / "cmoe.json").read_text())
+    assert resaved["base"]["sha256_of"] == "weights+config+tokenizer" and resaved["base"]["sha256"] == weights_sha256(base)

@@ -153,6 +153,28 @@ def test_predict_through_the_registry_decodes_as_the_callers_config_says(
     assert seen["eval"] == {"max_new_tokens": 3, "batch_size": 2}
 
 
+def test_predict_refuses_a_version_whose_logged_model_code_is_not_the_installed_one(
+        registry: Registry, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading runs the version's own copy of model_code.py: a copy changed in the artifact store never runs."""
+    ran: list[object] = []
+    monkeypatch.setitem(sys.modules, "cmoe.stages.predict",
+                        types.SimpleNamespace(predict_rows=lambda *args: ran.append(args) or []))
+    png = with_champion(registry, tmp_path)
+    logged = list((home / "mlartifacts").rglob("model_code.py"))  # every version's copy in the artifact store
+    originals = {f: f.read_bytes() for f in logged}
+    try:
+        for f in logged:
+            f.write_bytes(originals[f] + b"\nimport os  # injected\n")
+        with pytest.raises(RegistryError, match=r"refusing to load models:/cmoe@champion: its model code "
+                                                r"model_code.py \(sha256 \w+…\) differs from the installed"):
+            registry.predict("models:/cmoe@champion", [str(png)], ["what color?"])
+    finally:
+        for f, data in originals.items():
+            f.write_bytes(data)
+    assert logged and ran == []  # refused before MLflow ran any of it
+    assert registry.predict("models:/cmoe@champion", [str(png)], ["what color?"]) == []  # the untouched copy loads
+
+
 @pytest.fixture
 def fresh(tmp_path: Path) -> Registry:
     """A registry of its own (no champion yet), for tests of one version's decision."""

@@ -1,0 +1,42 @@
+"""Models-from-code runs code from the artifact store: a version is loaded only if that code is ours.
+
+A version's pyfunc is rebuilt, not unpickled, by MLflow executing the version's own copy of
+`model_code.py` (which imports the installed `cmoe` package). Whoever can write the artifact store
+could change that copy, log a pickled python_model instead, or point an artifact outside the
+model; `model_code_problem` refuses each before MLflow loads anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from mlflow.models import Model
+
+MODEL_CODE = Path(__file__).with_name("model_code.py")  # the installed entry point, logged with every version
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of models-from-code
+
+
+def model_code_problem(model_dir: Path) -> str | None:
+    """Why the downloaded model in `model_dir` must not be loaded by this installation, or None."""
+    try:
+        flavor = Model.load(str(model_dir)).flavors["python_function"]
+    except (OSError, KeyError, ValueError) as err:
+        return f"its MLmodel has no readable python_function flavor ({type(err).__name__}: {str(err)[:200]})"
+    if flavor.get("loader_module") != CODE_LOADER or not flavor.get("model_code_path"):
+        return "it is not a models-from-code pyfunc (loading it would unpickle its python_model)"
+    code = model_dir / Path(flavor["model_code_path"]).name  # where MLflow reads it from
+    if not code.is_file():
+        return f"its model code {code.name} is missing"
+    logged, installed = _sha256(code), _sha256(MODEL_CODE)
+    if logged != installed:
+        return (f"its model code {code.name} (sha256 {logged[:16]}…) differs from the installed "
+                f"{MODEL_CODE} ({installed[:16]}…): it would run code this cmoe does not ship")
+    for name, artifact in (flavor.get("artifacts") or {}).items():
+        if not (model_dir / artifact.get("path", "")).resolve().is_relative_to(model_dir.resolve()):
+            return f"its artifact {name!r} lies outside the model ({artifact.get('path')!r})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
