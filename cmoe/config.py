@@ -94,9 +94,9 @@ class ProbeConfig(_Section):
     min_loss_drop: float = Field(0.5, ge=0.0)
     steps: int = Field(20, ge=1)  # optimizer steps of probe training (after the router-only steps)
     lr: float = Field(1e-3, gt=0.0)  # 2e-3+ destabilises this tiny model (measured on the base)
-    # Half the expansion's batch: a probe step costs half as much, and on coin-mini the plans, the
-    # gains and the known task's empty plan came out as at 32 (docs/method.md, 3).
-    batch_size: int = Field(16, ge=1)
+    # 16 would halve the probe's cost, but the router-only phase then sees half the rows and the
+    # known task (hue-name) grew two experts (docs/method.md, 6).
+    batch_size: int = Field(32, ge=1)
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split
     tau: float | None = Field(None, ge=0.0)  # fixed threshold; None = uniform share k / (E_l + 1)
     tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
