@@ -100,3 +100,13 @@ def test_a_config_json_it_cannot_size_is_one_error_line_naming_the_field(edit, m
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'config.json'}: {message}"), lines
     assert result.stdout == ""
+
+
+def test_tasks_already_learned_weigh_in_frozen_and_only_widen_the_new_router() -> None:
+    cfg = tiny_test_config(".")
+    first, later = (plan_resources(None, cfg, _cpu_setup(), learned_tasks=n) for n in (0, 3))
+    grown = 3 * first.experts_per_task  # experts the three earlier tasks added, at most
+    for a, b in zip(first.stages, later.stages):
+        assert b.params_total - a.params_total >= grown * first.per_expert, a.stage  # + their routers
+        if a.trainable:  # the new router has a column (text_hidden weights) for each of those experts
+            assert b.trainable - a.trainable == grown * first.shape["text_hidden"], a.stage
