@@ -5,6 +5,7 @@ One task bundle goes through five stages, each a Prefect task that calls one pla
 
     fetch          validate + download the bundle, once (retried on transient I/O errors)
     keep-eval-set  keep the task's evaluation set (its test split) in the lineage's store
+    make-room      a layer at `moe.max_experts_per_layer` is compacted first (cmoe/stages/compact.py)
     probe          PGKE: which layers need new experts            -> artifact `cmoe-probe`
     expand         train the new experts, the task router and its locator VAE -> `cmoe-expand-progress`
     evaluate       re-test every task learned so far on the kept evaluation sets -> `cmoe-accuracy`
@@ -33,7 +34,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -107,10 +108,11 @@ class TaskOutcome:
 # ---------------------------------------------------------------------------- resumable stages
 # Config fields that change no stage's result: where things are kept, what happens to the inbox
 # copy, how often training checkpoints, how the processes are placed. Every other value of the
-# sections below does (the base, where and how experts grow, the locator, decoding, what is kept).
+# sections below does (the base, where and how experts grow, the locator, decoding, what is kept,
+# what compaction may remove).
 _NOT_RESULTS = {"data": {"eval_store", "keep_train_cache", "after_decision"},
                 "expand": {"checkpoint_every", "log_every", "nproc_per_node", "hostfile"}}
-_RESULT_SECTIONS = ("base", "moe", "probe", "expand", "locator", "eval", "data")
+_RESULT_SECTIONS = ("base", "moe", "probe", "expand", "locator", "eval", "data", "compact")
 
 
 def stage_key(bundle_sha256: str, parent_version: int | None, cfg: CmoeConfig) -> str:
@@ -168,6 +170,19 @@ def keep(cfg: CmoeConfig, bundle: ValidatedBundle, runs: Path) -> EvalSetRef:
     from cmoe.stages.common import keep_task_eval_set
 
     return resumable(runs / "eval-set", EvalSetRef, lambda _: keep_task_eval_set(cfg, bundle))
+
+
+@stage_task(name="make-room")
+def make_room(cfg: CmoeConfig, champion: Champion, runs: Path, registry: Registry, run_id: str) -> Champion:
+    """The champion to build on: with its full layers compacted first (`run_make_room`) when
+    `moe.max_experts_per_layer` is reached, else as it is."""
+    from cmoe.stages.compact import CompactResult, full_layers, run_make_room
+
+    if not full_layers(cfg, champion.state_dir):
+        return champion
+    made = resumable(runs / "make-room", CompactResult, lambda out: run_make_room(cfg, champion.state_dir, out))
+    registry.log_stage(run_id, "make-room", made)
+    return replace(champion, state_dir=Path(made.state_dir))  # same version, acc: the gate compares with it
 
 
 @stage_task(name="probe")
@@ -343,7 +358,10 @@ def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> 
     link_run(registry, run_id, bundle.name)
     try:
         eval_set = keep(cfg, bundle, runs)
-        plan = probe(cfg, bundle, champion, runs, registry, run_id)
+        # a full layer (moe.max_experts_per_layer) is compacted first: probe and expansion build on that state
+        capped = champion is not None and cfg.moe.max_experts_per_layer is not None
+        build_on = make_room(cfg, champion, runs, registry, run_id) if capped else champion
+        plan = probe(cfg, bundle, build_on, runs, registry, run_id)
         if cfg.gate.review_plan:
             verdict = review_plan(cfg, registry, run_id, f"## Expansion plan for {plan.task}\n\n{_plan_line(plan)}")
             if verdict.decision == "rejected":
@@ -351,7 +369,7 @@ def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> 
                 release(cfg, bundle, registry, run_id=run_id)
                 return TaskOutcome(bundle.name, bundle.sha256, parent, None, "plan_rejected", verdict.by,
                                    verdict.reason, {}, None, None, 0)
-        expanded = expand(cfg, bundle, champion, plan, eval_set, runs, registry, run_id)
+        expanded = expand(cfg, bundle, build_on, plan, eval_set, runs, registry, run_id)
         report = evaluate(cfg, f"after {bundle.name}", expanded.state_dir, held, runs, registry, run_id)
         summary = headline(report, expanded.params_added)
         registry.log_summary(run_id, {"acc": report.acc, **summary})

@@ -26,6 +26,7 @@ the same champion is the same work, so asking again after a rejection returns th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,13 +38,14 @@ from cmoe.config import CmoeConfig, load_config
 from cmoe.data.evalsets import EvalSetRef, delete_eval_set
 from cmoe.registry import REMOVED_TAG, RETIRED_TAG, Champion, Registry, VersionInfo, held_versions
 from flows.continual import (
-    Candidate, TaskOutcome, decision_markdown, evaluate, gate, headline, link_run, measure, resumable, review_markdown,
-    stage_task,
+    Candidate, GateResult, TaskOutcome, decision_markdown, evaluate, gate, headline, link_run, measure, resumable,
+    review_markdown, stage_task,
 )
 from flows.lineage_slot import lineage_slot
 from flows.review import settle
 
 if TYPE_CHECKING:  # the stage (torch) is imported inside the task that runs it
+    from cmoe.stages.kpi import TaskKpis
     from cmoe.stages.retire import RetireResult
 
 
@@ -96,7 +98,7 @@ def retire_from_champion(cfg: CmoeConfig, registry: Registry, task: str) -> Task
         learned = next(v for v in lineage if v.task == task and v.retired is None)
         if done.removed is None:
             forget_eval_set(cfg, learned, registry, done.version)
-        return _outcome(registry.version(done.version), done.parent_version)
+        return version_outcome(registry.version(done.version), done.parent_version)
     learned = next((v for v in held if v.task == task), None)
     if learned is None:
         raise ValueError(f"task {task!r} is not one the champion v{champion.version} holds "
@@ -107,32 +109,47 @@ def retire_from_champion(cfg: CmoeConfig, registry: Registry, task: str) -> Task
     run_id = registry.start_task_run(key, task, "", champion.version, cfg.model_dump(mode="json"),
                                      tags={"prefect_flow_run_id": str(flow_run.id), RETIRED_TAG: task})
     link_run(registry, run_id, f"retiring {task}")
-    try:
+
+    def first() -> tuple[Candidate, str]:
         retired = retire(cfg, task, champion, runs, registry, run_id)
-        # the matrix's rows are the remaining tasks' own; the candidate's is the last
-        report = evaluate(cfg, f"after retiring {task}", retired.state_dir, remaining[:-1], runs, registry, run_id)
-        summary = headline(report, retired.params_added)
-        registry.log_summary(run_id, {"acc": report.acc, **summary})
-        kpis = measure(cfg, task, retired.params_added, report, ["retire", "evaluate"], {}, runs, registry, run_id)
-        candidate = Candidate(task, retired.state_dir, retired.params_added, "", "", {RETIRED_TAG: task},
-                              learned=False)
-        result = gate(cfg, candidate, champion, key, report, summary, kpis, runs, registry, run_id)
-        info = settle(cfg, registry, result.version, result.outcome, result.reasons,
-                      review_markdown(result, f"retire {task} ({retire_line(retired)})", report, remaining[:-1]))
-    except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
-        registry.end_task_run(run_id, failed=True)
-        raise
-    registry.end_task_run(run_id)
+        return (Candidate(task, retired.state_dir, retired.params_added, "", "", {RETIRED_TAG: task}, learned=False),
+                f"{task} ({retire_line(retired)})")
+
+    # the matrix's rows are the remaining tasks' own; the candidate's is the last
+    info, result, kpis = through_gate(cfg, registry, champion, key, runs, run_id, "retire", first, remaining[:-1])
     if info.decision == "approved":
         forget_eval_set(cfg, learned, registry, info.version)
-    outcome = _outcome(info, champion.version)
+    outcome = version_outcome(info, champion.version)
     create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result, kpis),
                              description=f"Gate decision on retiring {task}")
     return outcome
 
 
-def _outcome(info: VersionInfo, parent: int | None) -> TaskOutcome:
-    """The retirement's outcome, in the shape a task arrival reports (no bundle)."""
+def through_gate(cfg: CmoeConfig, registry: Registry, champion: Champion, key: str, runs: Path, run_id: str,
+                 stage: str, first: Callable[[], tuple[Candidate, str]],
+                 rows: list[VersionInfo]) -> tuple[VersionInfo, GateResult, TaskKpis]:
+    """A candidate that learns no task (a retirement, a compaction) from its `stage` (`first`: the candidate
+    and a line saying what it changed), evaluated, measured and gated, its decision settled; the run ends
+    failed if any of it fails. `rows`: the versions whose accuracy rows come before the candidate's."""
+    try:
+        candidate, what = first()
+        report = evaluate(cfg, f"after {stage} {what}", candidate.state_dir, rows, runs, registry, run_id)
+        summary = headline(report, candidate.params_added)
+        registry.log_summary(run_id, {"acc": report.acc, **summary})
+        kpis = measure(cfg, candidate.task, candidate.params_added, report, [stage, "evaluate"], {}, runs, registry,
+                       run_id)
+        result = gate(cfg, candidate, champion, key, report, summary, kpis, runs, registry, run_id)
+        info = settle(cfg, registry, result.version, result.outcome, result.reasons,
+                      review_markdown(result, f"{stage} {what}", report, rows))
+    except Exception:  # not BaseException: a suspended run (Prefect's Pause signal) has not failed
+        registry.end_task_run(run_id, failed=True)
+        raise
+    registry.end_task_run(run_id)
+    return info, result, kpis
+
+
+def version_outcome(info: VersionInfo, parent: int | None) -> TaskOutcome:
+    """A retirement's or compaction's outcome, in the shape a task arrival reports (no bundle)."""
     return TaskOutcome(info.task, "", parent, info.version, info.decision, info.decided_by, info.reason, info.acc,
                        info.metrics.get("avg_acc"), info.metrics.get("bwt"), int(info.metrics.get("params_added", 0)))
 

@@ -6,7 +6,7 @@ apply_defaults()
 
 import typer  # noqa: E402
 
-from cmoe.cli import base, data, doctor, lineage, pipeline, resources, retire, review, serve, stages  # noqa: E402
+from cmoe.cli import base, compact, data, doctor, lineage, pipeline, resources, retire, review, serve, stages  # noqa: E402
 
 app = typer.Typer(
     name="cmoe",
@@ -18,8 +18,8 @@ app = typer.Typer(
 app.add_typer(data.app, name="data", help="Task bundles: synthesise, validate, inspect.")
 app.add_typer(base.app, name="base", help="The frozen vision-language base: build, inspect.")
 app.add_typer(review.app, name="review", help="Candidates and plans awaiting a decision: list, show, approve, reject.")
-for command in (pipeline.run, pipeline.watch, retire.retire, review.rollback, lineage.lineage, serve.predict,
-                pipeline.demo):
+for command in (pipeline.run, pipeline.watch, retire.retire, compact.compact, review.rollback, lineage.lineage,
+                serve.predict, pipeline.demo):
     app.command()(command)
 for command in (stages.probe, stages.expand, stages.evaluate, stages.bench):
     app.command()(command)

@@ -46,6 +46,7 @@ TRAIN_SHA_TAG = "train_sha256"  # the task's train-split hash (the rehearsal gua
 EVAL_SET_TAG = "eval_set"  # JSON of the task's kept evaluation set
 REMOVED_TAG = "retention.removed"  # JSON list of the local copies deleted once it was decided
 RETIRED_TAG = "retired"  # on a retirement's version: the task it removed (its `task` tag names it too)
+COMPACTED_TAG = "compacted"  # on a compaction's version: JSON of what it retired and merged; it learned no task
 _NONE = "none"  # tag value of "no parent version"
 _MAX_TAG = 4000  # MLflow caps tag values at 5000 characters
 # Run params holding a decision, written once: MLflow's database refuses to change a param, so the
@@ -107,12 +108,12 @@ class VersionInfo:
 
 def held_versions(lineage: list[VersionInfo]) -> list[VersionInfo]:
     """The version that learned each task the lineage's last version still holds, in task order:
-    a retirement removes its task's version (and is itself no task's)."""
+    a retirement removes its task's version (and is itself no task's), a compaction is no task's."""
     held: dict[str, VersionInfo] = {}
     for v in lineage:
         if v.retired is not None:
             held.pop(v.retired, None)
-        else:
+        elif COMPACTED_TAG not in v.tags:
             held[v.task] = v
     return list(held.values())
 

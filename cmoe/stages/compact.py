@@ -29,7 +29,7 @@ from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info, cmoe_layers
 from cmoe.model.compaction import Step, compact, measure, plan_steps, record
 from cmoe.model.params import count_params
-from cmoe.model.state import save_state
+from cmoe.model.state import read_manifest, save_state
 from cmoe.stages.common import StageError, TaskData, encode_rows, kept_eval_sets, open_lineage
 from cmoe.stages.evaluate import answer_task, task_accuracy
 
@@ -63,11 +63,27 @@ def run_make_room(cfg: CmoeConfig, state_dir: Path, out_dir: Path) -> CompactRes
     """Compact the layers of `state_dir` that hold `moe.max_experts_per_layer` experts until each has
     room for one more; None (nothing written) when no layer is full: build on `state_dir` as it is."""
     t0 = time.perf_counter()
-    model, processor = open_lineage(cfg, Path(state_dir))
-    full = {i for i, free in room(cfg, model).items() if free is not None and free < 1}
+    full = full_layers(cfg, Path(state_dir))
     if not full:
         return None
+    model, processor = open_lineage(cfg, Path(state_dir))
     return _compacted(cfg, model, processor, full, out_dir, t0)
+
+
+def full_layers(cfg: CmoeConfig, state_dir: Path) -> set[int]:
+    """The CMoE layers of the state at `state_dir` that hold `moe.max_experts_per_layer` experts, read from
+    its manifest (nothing loaded: a flow asks before every probe)."""
+    cap = cfg.moe.max_experts_per_layer
+    if cap is None:
+        return set()
+    return {int(i) for i, origins in read_manifest(Path(state_dir))["experts"].items() if len(origins) >= cap}
+
+
+def summary_line(result: CompactResult) -> str:
+    """One line: experts per layer before and after, what was retired and merged, the parameters removed."""
+    layers = ", ".join(f"layer {k} {n} -> {result.experts_after[k]}" for k, n in result.experts_before.items())
+    return (f"{layers}; {result.retired} retired, {result.merged} merged; "
+            f"{-result.params_added:,} parameters removed")
 
 
 def room(cfg: CmoeConfig, model: torch.nn.Module) -> dict[int, int | None]:

@@ -19,7 +19,8 @@ def key(**overrides: dict) -> str:
 @pytest.mark.parametrize("change", [
     {"probe": {"tau": 0.3}}, {"probe": {"min_gain": 0.2}}, {"expand": {"epochs": 2}}, {"expand": {"seed": 1}},
     {"locator": {"temperature": 2.0}}, {"moe": {"top_k": 1}}, {"base": {"path": "/models/llava"}},
-    {"eval": {"max_new_tokens": 4}}, {"data": {"eval_keep": 50}},
+    {"eval": {"max_new_tokens": 4}}, {"data": {"eval_keep": 50}}, {"compact": {"max_drop": 3.0}},
+    {"probe": {"tau_scale": 0.5}},
 ], ids=lambda c: next(f"{s}.{f}" for s, v in c.items() for f in v))
 def test_a_config_value_that_changes_a_result_is_new_work(change: dict) -> None:
     assert key(**change) != key()
