@@ -23,6 +23,7 @@ import yaml
 from cmoe.config import CmoeConfig
 from cmoe.data.evalsets import EvalSetRef
 from cmoe.data.validate import ValidatedBundle
+from cmoe.redact import SECRET_ENV, redact_uri
 from cmoe.stages import expand as expand_stage
 from cmoe.stages.expand import ExpandResult, OnLog, Variant
 from cmoe.stages.expand_main import RESULT_FILE, STEP_LOG, read_steps
@@ -59,9 +60,28 @@ def expand(
         return expand_stage.run_expand(cfg, bundle, parent_state, probe, out_dir, eval_set=eval_set,
                                        copy_base=copy_base, variant=variant, on_log=on_log)
     out_dir = Path(out_dir).resolve()
-    inputs = out_dir / "launch"  # what every rank reads: the exact config, bundle and plan of this call
+    args = write_inputs(cfg, bundle, parent_state, probe, out_dir, eval_set=eval_set, copy_base=copy_base,
+                        variant=variant)
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)
+    (out_dir / STEP_LOG).unlink(missing_ok=True)  # a resumed run logs from its checkpoint on
+    cmd = launcher_command(cfg, args)
+    returncode = _follow(subprocess.Popen(cmd, env=launcher_env()), out_dir / STEP_LOG, on_log)
+    if returncode != 0 or not (out_dir / RESULT_FILE).is_file():
+        raise LaunchError(f"expansion failed (exit {returncode}): {' '.join(cmd)}")
+    (out_dir / STEP_LOG).unlink(missing_ok=True)  # passed on to on_log: nothing reads it again
+    return ExpandResult(**json.loads((out_dir / RESULT_FILE).read_text()))
+
+
+def write_inputs(
+    cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, probe: ProbeReport | None, out_dir: Path,
+    *, eval_set: EvalSetRef | None, copy_base: bool, variant: Variant,
+) -> list[str]:
+    """Write what every rank reads into `out_dir/launch` (the exact config, bundle and plan of this
+    call); the arguments of `expand_main`. The config is written with its secrets redacted: the
+    ranks train, they never reach the registry whose URI may carry a password."""
+    inputs = out_dir / "launch"
     inputs.mkdir(parents=True, exist_ok=True)
-    (inputs / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    (inputs / "config.yaml").write_text(yaml.safe_dump(json.loads(redact_uri(json.dumps(cfg.model_dump(mode="json"))))))
     # The validated bundle travels as JSON: the ranks read it without validating it again.
     (inputs / "bundle.json").write_text(json.dumps(bundle.to_dict(), indent=2))
     args = ["--config", str(inputs / "config.yaml"), "--bundle", str(inputs / "bundle.json"), "--out", str(out_dir),
@@ -76,19 +96,22 @@ def expand(
         args += ["--parent-state", str(Path(parent_state).resolve())]
     if not copy_base:
         args.append("--no-copy-base")
-    (out_dir / RESULT_FILE).unlink(missing_ok=True)
-    (out_dir / STEP_LOG).unlink(missing_ok=True)  # a resumed run logs from its checkpoint on
-    cmd = launcher_command(cfg, args)
-    # The ranks find the code the way this process did, whatever the working directory.
-    # A process that trained in-process before holds a rank-0-of-1 group: its rendezvous variables
-    # (and port) must not leak into the launched ranks.
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+    return args
+
+
+def launcher_env() -> dict[str, str]:
+    """The launcher's environment: this process's, without what must not reach the ranks.
+
+    A process that trained in-process before holds a rank-0-of-1 group: its rendezvous variables
+    (and port) must not leak into the launched ranks. The MLflow and Prefect credentials go too:
+    the ranks use neither, and the `deepspeed` launcher copies every MLFLOW* variable into the
+    command line it logs and runs on each host. S3 keys stay (a rank may read an s3:// bundle).
+    The ranks find the code the way this process did, whatever the working directory.
+    """
+    dropped = set(_RANK_ENV) | {name for name in SECRET_ENV if not name.startswith("AWS_")}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH")]))
-    returncode = _follow(subprocess.Popen(cmd, env=env), out_dir / STEP_LOG, on_log)
-    if returncode != 0 or not (out_dir / RESULT_FILE).is_file():
-        raise LaunchError(f"expansion failed (exit {returncode}): {' '.join(cmd)}")
-    (out_dir / STEP_LOG).unlink(missing_ok=True)  # passed on to on_log: nothing reads it again
-    return ExpandResult(**json.loads((out_dir / RESULT_FILE).read_text()))
+    return env
 
 
 def _follow(process: subprocess.Popen, step_log: Path, on_log: OnLog | None) -> int:
