@@ -13,6 +13,11 @@ are handled as if it were not there, and a refusal does not fail the watcher.
 
 The inbox is the user's: once a bundle's version is decided the watcher leaves it there, moves it
 into `<inbox>/.processed/` or deletes it, as `data.after_decision` says (default: leave it).
+
+With `dispatch` (the `watch-inbox` deployment of `prefect.yaml`) the watcher runs nothing itself: it
+is the slow reconciler of event-driven arrival, announcing (`cmoe.bundle.ready`, flows/events.py)
+each new bundle that no live run of the `continual-task` deployment already has, so a bundle that
+arrived without `cmoe data push`, or whose run failed, still gets its own flow run.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from cmoe.data.storage import (
 from cmoe.files import write_text_atomic
 from cmoe.registry import Registry
 from flows.continual import TaskOutcome, continual_task
+from flows.events import announce, bundle_uri, bundles_in_flight
 
 REFUSED_FILE = "refused.json"  # under <home>/watch/: {fingerprint: {"uri", "name", "reason", "at"}}
 _MAX_REASON = 2000
@@ -90,10 +96,10 @@ def _io_only(task: Task, task_run: TaskRun, state: State) -> bool:
 
 @task(name="list-new-bundles", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=_io_only)
 def new_bundles(inbox: str, cache_dir: Path, processed: set[str],
-                refused: dict[str, dict]) -> tuple[list[BundleRef], list[Refusal], list[str]]:
-    """(complete bundles of the inbox whose content hash MLflow has not recorded, oldest first; the
-    bundles refused now because they cannot be hashed; the names of those refused earlier and unchanged)."""
-    new, bad, skipped = [], [], []
+                refused: dict[str, dict]) -> tuple[dict[BundleRef, str], list[Refusal], list[str]]:
+    """(complete bundles of the inbox whose content hash MLflow has not recorded, oldest first, with that
+    hash; the bundles refused now because they cannot be hashed; the names of those refused earlier and unchanged)."""
+    new, bad, skipped = {}, [], []
     for ref in list_bundles(inbox):
         fingerprint = bundle_fingerprint(ref.uri)
         if fingerprint in refused:
@@ -105,13 +111,27 @@ def new_bundles(inbox: str, cache_dir: Path, processed: set[str],
             bad.append(Refusal(ref, fingerprint, _reason(err)))
             continue
         if sha not in processed:
-            new.append(ref)
+            new[ref] = sha
     return new, bad, skipped
 
 
+@task(name="announce-new-bundles", cache_policy=NO_CACHE)
+def announce_new(new: dict[BundleRef, str]) -> list[str]:
+    """Send `cmoe.bundle.ready` for each new bundle no live run of the deployment has; the names announced."""
+    logger, in_flight, announced = get_run_logger(), bundles_in_flight(), []
+    for ref, sha in new.items():
+        if bundle_uri(ref.uri) in in_flight:
+            logger.info("%s: a run of the continual-task deployment already has it", ref.name)
+            continue
+        announce(ref.uri, sha, ref.name, "watch-inbox")
+        announced.append(ref.name)
+    return announced
+
+
 @flow(name="watch-inbox")
-def watch_inbox(config_path: str | None = None, inbox: str | None = None) -> list[TaskOutcome]:
-    """Run `continual_task` for each new bundle, one at a time; a failed or refused bundle does not block the rest."""
+def watch_inbox(config_path: str | None = None, inbox: str | None = None, dispatch: bool = False) -> list[TaskOutcome]:
+    """Run `continual_task` for each new bundle, one at a time; a failed or refused bundle does not block the rest.
+    With `dispatch`, announce each one to the `continual-task` deployment instead (its own flow run; returns [])."""
     cfg = load_config(config_path)
     inbox = inbox or cfg.inbox or str(cfg.home / "inbox")
     logger = get_run_logger()
@@ -125,6 +145,9 @@ def watch_inbox(config_path: str | None = None, inbox: str | None = None) -> lis
     for refusal in refused:
         _refuse(log, refusal)
     logger.info("%d new bundle(s) in %s: %s", len(refs), inbox, ", ".join(r.name for r in refs) or "-")
+    if dispatch:
+        logger.info("announced %s", ", ".join(announce_new(refs)) or "none")
+        return []
     outcomes, failed = [], []
     for ref in refs:
         state = continual_task(ref.uri, config_path, return_state=True)

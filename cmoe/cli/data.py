@@ -1,4 +1,4 @@
-"""`cmoe data`: check and describe task bundles (local folders or s3:// prefixes)."""
+"""`cmoe data`: check, describe and push task bundles (local folders or s3:// prefixes)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cmoe.data.bundle import printable
-from cmoe.data.storage import StorageError
+from cmoe.cli.common import error, fail
+from cmoe.data.bundle import BundleError, printable
+from cmoe.data.storage import StorageError, check_inbox, is_s3
 from cmoe.data.validate import ValidationReport, validate as validate_uri
 
 app = typer.Typer(no_args_is_help=True)
@@ -64,6 +65,48 @@ def info(uri: UriArg, cache_dir: CacheOpt = None) -> None:
     typer.echo(f"sha256:         {report.sha256}")
     if root != Path(uri):
         typer.echo(f"local copy:     {root}")
+
+
+@app.command()
+def push(
+    bundle: Annotated[Path, typer.Argument(help="Local bundle folder.", show_default=False)],
+    inbox: Annotated[str, typer.Argument(help="Inbox: a local folder or s3://bucket/prefix/.", show_default=False)],
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Validate a bundle, deliver it into an inbox (task.yaml last) and announce it to Prefect (`cmoe.bundle.ready`)."""
+    from cmoe.data.writer import deliver_bundle, delivered_sha256, inbox_uri
+
+    report = _checked(str(bundle), cache_dir)
+    bundle = bundle.resolve()
+    inbox = inbox if is_s3(inbox) else str(Path(inbox).resolve())  # the event carries where the bundle is
+    try:
+        check_inbox(inbox)
+        there = delivered_sha256(inbox, bundle.name, cache_dir=cache_dir)
+        if there not in (None, report.sha256):
+            raise FileExistsError(f"{inbox_uri(inbox, bundle.name)}: holds another bundle of that name (sha256 "
+                                  f"{there}); bundles are immutable, rename yours")
+        uri = inbox_uri(inbox, bundle.name) if there else deliver_bundle(bundle, inbox)
+    except StorageError as err:
+        error(err)
+        raise typer.Exit(2) from None
+    except (FileExistsError, BundleError, ValueError, OSError) as err:
+        raise fail(err) from None
+    typer.echo(f"{'already there' if there else 'delivered'}: {uri} (sha256 {report.sha256})")
+    _announce(uri, report.sha256, bundle.name)
+
+
+def _announce(uri: str, sha256: str, name: str) -> None:
+    """Send `cmoe.bundle.ready`; the push stands either way (the bundle is complete in the inbox)."""
+    from flows.events import NotAnnounced, announce
+
+    try:
+        event = announce(uri, sha256, name, "cmoe data push")
+    except NotAnnounced as err:
+        typer.echo(f"not announced: {err}; the inbox watcher (`cmoe watch`, or the watch-inbox deployment) "
+                   "picks the bundle up", err=True)
+        return
+    typer.echo(f"announced: {event.event} {event.id} (resource {event.resource.id}): the continual-task "
+               "deployment's trigger starts a flow run for it")
 
 
 @app.command()

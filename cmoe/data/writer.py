@@ -8,6 +8,7 @@ on S3, where there is no rename, task.yaml is uploaded last.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,8 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from cmoe.data.bundle import TASK_FILE, bundle_files
-from cmoe.data.storage import is_s3, upload_bundle
+from cmoe.data.bundle import TASK_FILE, bundle_files, bundle_sha256
+from cmoe.data.storage import S3Prefix, fetch_bundle, is_s3, read_bundle_file, upload_bundle
 from cmoe.files import atomic_dir
 
 
@@ -51,8 +52,8 @@ def deliver_bundle(bundle: Path, inbox: str | Path) -> str:
     """
     bundle = Path(bundle)
     if is_s3(inbox):
-        return upload_bundle(bundle, f"{str(inbox).rstrip('/')}/{bundle.name}/")
-    target = Path(inbox) / bundle.name
+        return upload_bundle(bundle, inbox_uri(inbox, bundle.name))
+    target = Path(inbox_uri(inbox, bundle.name))
     if not target.exists():
         files = bundle_files(bundle)
         with atomic_dir(target) as tmp:
@@ -60,6 +61,26 @@ def deliver_bundle(bundle: Path, inbox: str | Path) -> str:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(bundle / rel, tmp / rel)
     return str(target)
+
+
+def inbox_uri(inbox: str | Path, name: str) -> str:
+    """Where a bundle called `name` lives in an inbox: `<inbox>/<name>` (S3: `s3://bucket/prefix/<name>/`)."""
+    if is_s3(inbox):
+        return S3Prefix.parse(f"{str(inbox).rstrip('/')}/{name}/").uri
+    return str(Path(inbox) / name)
+
+
+def delivered_sha256(inbox: str | Path, name: str, *, cache_dir: Path | None = None) -> str | None:
+    """sha256 of the complete bundle `name` already in the inbox; None when there is none (on S3, also a
+    half-finished upload: delivering again completes it). A local folder of that name that is not a
+    complete bundle is refused (FileExistsError): it is not ours to replace."""
+    uri = inbox_uri(inbox, name)
+    if read_bundle_file(uri, TASK_FILE) is None:
+        if not is_s3(uri) and os.path.lexists(uri):
+            raise FileExistsError(f"{uri}: exists but is not a complete bundle (no {TASK_FILE}); "
+                                  "remove it or rename the bundle")
+        return None
+    return bundle_sha256(fetch_bundle(uri, cache_dir=cache_dir))
 
 
 def _write_split(folder: Path, split: str, records: list[Record]) -> None:

@@ -1,0 +1,148 @@
+"""Event-driven arrival on a real Prefect server: `cmoe data push` → `cmoe.bundle.ready` → the trigger of
+the `continual-task` deployment (deployed from prefect.yaml by `prefect deploy`) → a flow run of its
+own for that bundle → a process worker runs it to the gate's decision; then the reconciling watcher
+announces a bundle that arrived without a push, and only that one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmoe.config import tiny_test_config
+from flows.events import DEPLOYMENT
+
+from .conftest import BIN, BUCKET, PREFECT_AUTH, Services, run_cli, wait_until
+
+pytestmark = pytest.mark.services
+ROOT = Path(__file__).resolve().parents[2]
+INBOX = f"s3://{BUCKET}/events-inbox/"
+MODEL = "cmoe-events"  # a lineage of its own: the other tests of this session count the versions of `cmoe`
+RUN_CREATED_S = 60  # event → automation → flow run takes a second or two; more on a busy 2-core box
+
+
+@dataclass
+class Pushed:
+    config: Path
+    bundle: Path
+    uri: str
+    push: subprocess.CompletedProcess
+
+
+@contextmanager
+def prefect_client(services: Services) -> Iterator:
+    """A Prefect client on the session's server (this process's own settings are left alone)."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(services.prefect_api, auth_string=PREFECT_AUTH) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def pushed(services: Services, tiny_suite: list[Path], tiny_base: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
+    """Deploy continual-task from prefect.yaml (its trigger included), then `cmoe data push` the first tiny bundle."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    root = tmp_path_factory.mktemp("events")
+    cfg = tiny_test_config(root / "home").model_dump(mode="json")
+    cfg["base"]["path"] = str(tiny_base)
+    cfg["inbox"] = INBOX
+    cfg["registry"].update(tracking_uri=services.mlflow_uri, artifact_location=f"mlflow-artifacts:/{MODEL}",
+                           model_name=MODEL, experiment=MODEL)
+    cfg["flow"]["lineage_limit"] = MODEL
+    config = root / "cmoe.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with prefect_client(services) as client:
+        client.create_work_pool(WorkPoolCreate(name="cmoe", type="process",
+                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+    deploy = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "continual-task",
+                             "--params", f'{{"config_path": "{config}"}}'],
+                            env=services.env, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    bundle = tiny_suite[0]
+    push = run_cli(["data", "push", str(bundle), INBOX], services.env, root)
+    yield Pushed(config, bundle, f"{INBOX}{bundle.name}/", push)
+    with prefect_client(services) as client:  # no later event of this session starts a run
+        client.delete_deployment(client.read_deployment_by_name(DEPLOYMENT).id)
+
+
+def runs_by_bundle(services: Services) -> dict[str, list]:
+    """{bundle_uri: the deployment's flow runs for it}."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    with prefect_client(services) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+    found: dict[str, list] = {}
+    for run in runs:
+        found.setdefault(run.parameters["bundle_uri"], []).append(run)
+    return found
+
+
+def wait_for_run(services: Services, uri: str) -> dict[str, list]:
+    """The deployment's runs by bundle, once one exists for `uri` (TimeoutError after RUN_CREATED_S)."""
+    seen: dict[str, list] = {}
+
+    def created() -> bool:
+        seen.update(runs_by_bundle(services))
+        return uri in seen
+
+    wait_until(created, RUN_CREATED_S, f"a flow run of {DEPLOYMENT} for {uri}")
+    return seen
+
+
+def test_a_pushed_bundle_gets_its_own_run_of_the_deployment(services: Services, pushed: Pushed) -> None:
+    assert pushed.push.returncode == 0, pushed.push.stdout + pushed.push.stderr
+    assert f"delivered: {pushed.uri}" in pushed.push.stdout
+    assert "announced: cmoe.bundle.ready" in pushed.push.stdout, pushed.push.stdout + pushed.push.stderr
+    [run] = wait_for_run(services, pushed.uri)[pushed.uri]
+    assert run.parameters == {"bundle_uri": pushed.uri, "config_path": str(pushed.config)}
+    assert run.state.is_scheduled()  # waiting for a worker of pool `cmoe`
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_runs_it_to_the_gates_decision(services: Services, pushed: Pushed) -> None:
+    from mlflow import MlflowClient
+
+    [run] = wait_for_run(services, pushed.uri)[pushed.uri]
+    worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "cmoe", "--run-once"],
+                            env=services.env, cwd=ROOT, capture_output=True, text=True, timeout=540, check=False)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-6000:]
+    with prefect_client(services) as client:
+        assert client.read_flow_run(run.id).state.is_completed(), worker.stdout[-3000:] + worker.stderr[-6000:]
+    version = MlflowClient(services.mlflow_uri).get_model_version(MODEL, "1")
+    assert version.tags["bundle_uri"] == pushed.uri and version.tags["decision"] == "approved"
+
+
+def test_the_watcher_announces_only_a_bundle_that_arrived_another_way(
+        services: Services, pushed: Pushed, tiny_suite: list[Path]) -> None:
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from cmoe.data.storage import upload_bundle
+    from flows.events import bundles_in_flight
+
+    other = tiny_suite[1]
+    with pytest.MonkeyPatch.context() as mp:  # dropped in by some other writer: no event
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "CMOE_S3_ENDPOINT_URL"):
+            mp.setenv(key, services.env[key])
+        uri = upload_bundle(other, f"{INBOX}{other.name}/")
+    watch = subprocess.run(
+        [sys.executable, "-c", f"from flows.watch import watch_inbox; watch_inbox({str(pushed.config)!r}, dispatch=True)"],
+        env=services.env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-6000:]
+    runs = wait_for_run(services, uri)
+    assert [r.parameters["bundle_uri"] for r in runs[uri]] == [uri]
+    assert len(runs[pushed.uri]) == 1, runs  # the decided bundle was not announced again
+    # what the next scan skips: the bundle whose run now waits for a worker
+    with temporary_settings({PREFECT_API_URL: services.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        assert bundles_in_flight() == {uri}
