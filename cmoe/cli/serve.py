@@ -69,30 +69,14 @@ def answer_line(row: dict, min_margin: float) -> str:
 
 
 def _prompt_problem(cfg: CmoeConfig, registry: Registry, uri: str, image: bytes, question: str) -> str | None:
-    """Why the question's prompt (image tokens, question, answer room) exceeds the model's positions,
-    or None; only checked for a version of this registry (another URI is left to its loader)."""
+    """Why the question's prompt exceeds the model's positions, or None; only checked for a version
+    of this registry (another URI is left to its loader)."""
     m = _REGISTRY_URI.fullmatch(uri)
     if m is None or m["name"] != registry.model_name:
         return None
     version = int(m["version"]) if m["version"] else registry.aliases().get(m["alias"])
     if version is None:
         return None  # no such alias: loading the model reports it
-    import io
+    from cmoe.stages.predict import prompt_problem
 
-    from PIL import Image
-    from transformers import LlavaConfig
-
-    from cmoe.model.processor import VLProcessor
-    from cmoe.model.state import base_folder, read_manifest
-
-    state = registry.state_dir(version)
-    base = base_folder(state, read_manifest(state))
-    llava = LlavaConfig.from_pretrained(base, local_files_only=True)
-    processor = VLProcessor.from_pretrained(base, llava)
-    with Image.open(io.BytesIO(image)) as im:
-        prompt = len(processor.encode(im.convert("RGB"), question).input_ids)  # as predict encodes it
-    positions = llava.text_config.max_position_embeddings
-    if prompt + cfg.eval.max_new_tokens > positions:
-        return (f"too long for the model: its prompt is {prompt} tokens (image included) + {cfg.eval.max_new_tokens} "
-                f"for the answer, over the model's {positions} positions")
-    return None
+    return prompt_problem(cfg, registry.state_dir(version), image, question)

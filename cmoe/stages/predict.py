@@ -48,3 +48,25 @@ def predict_rows(cfg: CmoeConfig, state_dir: str | Path, images: list[Image.Imag
         return [{"answer": a, "task": None, "confidence": None, "margin": None} for a in out.answers]
     return [{"answer": a, "task": t, "confidence": c, "margin": m}
             for a, t, c, m in zip(out.answers, out.located, out.confidence, out.margin)]
+
+
+def prompt_problem(cfg: CmoeConfig, state_dir: str | Path, image: bytes, question: str) -> str | None:
+    """Why the question's prompt (image tokens, question, room for the answer) exceeds the state's
+    model positions, or None: a longer prompt would be answered with confident garbage."""
+    import io
+
+    from transformers import LlavaConfig
+
+    from cmoe.model.state import base_folder, read_manifest
+
+    state = Path(state_dir)
+    base = base_folder(state, read_manifest(state))
+    llava = LlavaConfig.from_pretrained(base, local_files_only=True)
+    processor = VLProcessor.from_pretrained(base, llava)
+    with Image.open(io.BytesIO(image)) as im:
+        prompt = len(processor.encode(im.convert("RGB"), question).input_ids)  # as predict encodes it
+    positions = llava.text_config.max_position_embeddings
+    if prompt + cfg.eval.max_new_tokens > positions:
+        return (f"too long for the model: its prompt is {prompt} tokens (image included) + {cfg.eval.max_new_tokens} "
+                f"for the answer, over the model's {positions} positions")
+    return None
