@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,17 +70,24 @@ ExpertInit = Literal["copy", "probe", "random"]
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
-class RoutingState:
+class RoutingState(threading.local):
     """Per-sample task indices, shared by every CMoE layer of one model; set by `routing.route`.
 
     While training, `balance_scope` also sets which tokens count for load balancing (not padding)
-    and how to sum its statistics over data-parallel ranks.
+    and how to sum its statistics over data-parallel ranks. Each thread has its own values (a
+    `threading.local`): a serving process answers concurrent requests with one loaded model in a
+    thread pool, and each request's forwards must see its own routing, not the last one set.
     """
 
     def __init__(self) -> None:
         self.task_ids: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S) bool: tokens the balance loss counts
         self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum over ranks
+
+    def __deepcopy__(self, memo: dict) -> RoutingState:
+        """A copied model starts unrouted: routing belongs to a call, not to the weights (and a
+        `threading.local` cannot be copied)."""
+        return RoutingState()
 
 
 @dataclass(frozen=True)

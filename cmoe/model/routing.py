@@ -2,8 +2,10 @@
 
 The per-sample task indices live in one `RoutingState` shared by all CMoE layers of a model; a
 context manager sets them and restores the previous value on exit (contexts nest). Because the
-state is per *sample*, not per call, it holds for every decoding step of `model.generate`: sample
-i keeps its router for every generated token [12]. Modes:
+state is per *sample*, not per forward, it holds for every decoding step of `model.generate`: sample
+i keeps its router for every generated token [12]. It is also per *thread*: concurrent calls on one
+loaded model (a serving process answers requests in a thread pool) each route by their own tasks.
+Modes:
 
 - `oracle`: the task of every sample is given (training, and the oracle evaluation).
 - `locator`: PTL picks the task of every sample from its pre-MoE feature; the prediction

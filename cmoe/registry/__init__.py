@@ -3,7 +3,8 @@
 One parent run per task arrival holds the config as params and one nested run per stage holds
 that stage's metrics and reports. Every candidate becomes a version of the registered model
 (default `cmoe`): the full safetensors state directory plus a pyfunc wrapper built from code, so
-nothing is ever unpickled. Version tags carry the lineage (task, bundle sha256, parent version)
+nothing is ever unpickled, with the cmoe source it runs (cmoe.registry.shipped_code: MLflow's own
+`mlflow models serve` restores it). Version tags carry the lineage (task, bundle sha256, parent version)
 and the decision (who, why, gate metrics); alias `champion` is the model in use and alias
 `candidate` the one awaiting a decision. Works on `sqlite:///` with local artifacts (the default)
 and on an MLflow server with S3 artifacts alike.
@@ -20,7 +21,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 from uuid import uuid4
@@ -36,6 +36,7 @@ from cmoe.model.state import StateError, verify_state
 from cmoe.redact import redact_uri
 from cmoe.registry.model_card import with_decision
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
+from cmoe.registry.shipped_code import PACKAGE, pip_requirements
 from cmoe.registry.trusted_code import MODEL_CODE, model_code_problem
 
 Decision = Literal["approved", "rejected", "pending_review"]
@@ -57,8 +58,6 @@ _DECISION_PARAM, _PLAN_PARAM = "cmoe.decision", "cmoe.plan_decision"
 _EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _DIGEST = 36  # MLflow keeps at most 36 characters of a dataset's digest: a sha256's first 36 hex digits
 _log = logging.getLogger(__name__)
-# Exactly what the wrapper imports; listing them skips MLflow's ~20 s requirement inference.
-_REQUIREMENTS = ("cmoe", "mlflow", "torch", "transformers", "safetensors", "pillow", "pandas")
 
 
 class RegistryError(RuntimeError):
@@ -361,7 +360,9 @@ class Registry:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
                 signature=SIGNATURE, model_config=self._model_config,
-                pip_requirements=[f"{dist}=={metadata.version(dist)}" for dist in _REQUIREMENTS])
+                # The cmoe source travels with the model (no index has cmoe), the listed requirements
+                # are what it imports (listing them skips MLflow's ~20 s inference): cmoe.registry.shipped_code.
+                code_paths=[str(PACKAGE)], pip_requirements=pip_requirements())
         version_tags = {
             "cmoe.key": key, "task": task, "bundle_uri": bundle_uri, "bundle_sha256": bundle_sha256,
             "parent_version": str(parent_version or _NONE), "decision": "pending_review", "decided_by": "",

@@ -4,6 +4,11 @@ The wrapper holds no tensors: `load_context` only notes where the logged safeten
 directory lies and how to decode (the `eval` section recorded as the model's MLflow
 `model_config`, plain JSON values a loader may override), and prediction hands both to
 `cmoe.stages.predict.predict_rows`.
+
+Served by `mlflow models serve`, a request's `image` is the encoded image file (PNG, JPEG, ...) as a
+base64 string, which MLflow decodes to bytes because the column is `binary` (docs/orchestration.md,
+"Serving the champion"): a request cannot name a file on the server. In process a path or a PIL
+image passes too (MLflow leaves Python objects as they are).
 """
 
 from __future__ import annotations
@@ -15,16 +20,16 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, ColSpec, Schema
+from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 from cmoe.config import CmoeConfig
 
 STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
 OUTPUT_COLUMNS = ["answer", "task", "confidence", "margin"]
-# `image` is a path or encoded bytes, so its column type is "any"; MLflow checks the rest.
+# `image` is binary: the scoring server base64-decodes it (a path or PIL image still passes in process).
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
+    inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "question")]),
     outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "task"), ColSpec("double", "confidence"),
                     ColSpec("double", "margin")]),
 )

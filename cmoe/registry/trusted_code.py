@@ -2,8 +2,9 @@
 
 A version's pyfunc is rebuilt, not unpickled, by MLflow executing the version's own copy of
 `model_code.py` (which imports the installed `cmoe` package). Whoever can write the artifact store
-could change that copy, log a pickled python_model instead, or point an artifact outside the
-model; `model_code_problem` refuses each before MLflow loads anything.
+could change that copy, put code beside the shipped cmoe package (cmoe.registry.shipped_code: MLflow
+prepends that folder to `sys.path`), log a pickled python_model instead, or point an artifact
+outside the model; `model_code_problem` refuses each before MLflow loads anything.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import hashlib
 from pathlib import Path
 
 from mlflow.models import Model
+
+from cmoe.registry.shipped_code import shipped_code_problem
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")  # the installed entry point, logged with every version
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of models-from-code
@@ -32,6 +35,8 @@ def model_code_problem(model_dir: Path) -> str | None:
     if logged != installed:
         return (f"its model code {code.name} (sha256 {logged[:16]}…) differs from the installed "
                 f"{MODEL_CODE} ({installed[:16]}…): it would run code this cmoe does not ship")
+    if flavor.get("code") and (problem := shipped_code_problem(model_dir, flavor["code"])):
+        return problem
     for name, artifact in (flavor.get("artifacts") or {}).items():
         if not (model_dir / artifact.get("path", "")).resolve().is_relative_to(model_dir.resolve()):
             return f"its artifact {name!r} lies outside the model ({artifact.get('path')!r})"

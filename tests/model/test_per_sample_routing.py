@@ -1,5 +1,8 @@
 """Per-sample routing: every sample uses its own task's router, in forwards and through generate."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -46,6 +49,29 @@ def test_routing_holds_during_generate() -> None:
         torch.testing.assert_close(scores[row], alone_scores[0], atol=1e-4, rtol=0)
     _, swapped = generate([0, 1], ["b", "a"])
     assert (swapped - scores).abs().max() > 1e-2  # generated tokens depend on the router
+
+
+def test_concurrent_calls_on_one_model_each_route_by_their_own_tasks() -> None:
+    """Two threads inside `route` at once (as a serving process's requests are): each generates as alone."""
+    model = cmoe_model()
+    add_distinct_task(model, "b")
+    batch = make_batch(batch=3, seed=4)
+    calls = {"a": ([0], ["a"]), "b": ([1, 2], ["b", "b"])}  # different sizes: a mix-up cannot pass unseen
+
+    def generate(name: str, inside: threading.Barrier | None = None) -> torch.Tensor:
+        rows, tasks = calls[name]
+        with route(model, tasks), torch.no_grad():
+            if inside is not None:
+                inside.wait()  # both threads have set their routing before either generates
+            return model.generate(**{k: v[rows] for k, v in batch.items()}, max_new_tokens=4, do_sample=False,
+                                  pad_token_id=0)
+
+    alone = {name: generate(name) for name in calls}
+    inside = threading.Barrier(len(calls))
+    with ThreadPoolExecutor(len(calls)) as pool:
+        together = dict(zip(calls, pool.map(lambda name: generate(name, inside), calls)))
+    assert all(torch.equal(together[name], alone[name]) for name in calls)
+    assert model.cmoe.routing.task_ids is None
 
 
 def test_route_restores_the_previous_routing_and_checks_tasks() -> None:

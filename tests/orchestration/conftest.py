@@ -1,4 +1,5 @@
-"""Orchestration fixtures: one Prefect API per session, a tiny two-task suite with its base, local S3."""
+"""Orchestration fixtures: one Prefect API per session, a tiny two-task suite with its base, local S3, and
+the watcher's two-task lineage (`watched`)."""
 
 from __future__ import annotations
 
@@ -109,3 +110,20 @@ def s3_endpoint() -> Iterator[str]:
             mp.setenv(key, value)
         yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def watched(prefect_api: None, suite: list[Path], s3_endpoint: str, base_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Any], list[Any]]:
+    """An S3 inbox with the two bundles, watched twice: (config, first run's outcomes, second's).
+
+    Once per session: the flow tests inspect what it registered, the serving tests serve its champion.
+    """
+    from cmoe.data.storage import s3_client, upload_bundle
+    from flows.watch import watch_inbox
+
+    s3_client().create_bucket(Bucket="inbox")
+    for bundle in suite:  # uploaded in order: task.yaml last, so arrival order = suite order
+        upload_bundle(bundle, f"s3://inbox/new/{bundle.name}/")
+    config = tiny_config_file(tmp_path_factory.mktemp("watch"), base_dir, "auto", inbox="s3://inbox/new/")
+    return config, watch_inbox(config), watch_inbox(config)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cmoe.config import load_config
 from cmoe.registry import Registry
 
-from .conftest import tiny_config_file, wait_for
+from .conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
 
@@ -45,20 +45,6 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, calls: 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, counted)
-
-
-@pytest.fixture(scope="module")
-def watched(prefect_api: None, suite: list[Path], s3_endpoint: str, base_dir: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Any], list[Any]]:
-    """An S3 inbox with the two bundles, watched twice: (config, first run's outcomes, second's)."""
-    from cmoe.data.storage import s3_client, upload_bundle
-    from flows.watch import watch_inbox
-
-    s3_client().create_bucket(Bucket="inbox")
-    for bundle in suite:  # uploaded in order: task.yaml last, so arrival order = suite order
-        upload_bundle(bundle, f"s3://inbox/new/{bundle.name}/")
-    config = tiny_config_file(tmp_path_factory.mktemp("watch"), base_dir, "auto", inbox="s3://inbox/new/")
-    return config, watch_inbox(config), watch_inbox(config)
 
 
 def test_watcher_runs_each_new_s3_bundle_once(watched: tuple[str, list[Any], list[Any]], suite: list[Path]) -> None:
