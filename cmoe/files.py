@@ -1,4 +1,5 @@
-"""Atomic writes: a reader sees the old file or folder, or the complete new one, never a half-written one.
+"""Atomic writes: a reader sees the old file or folder, or the complete new one, never a half-written one;
+and the sha256 of a file, read in chunks (state deltas, checkpoints, shipped code).
 
 Both write into a temporary sibling (same filesystem, so the final rename is atomic on POSIX) whose
 name starts with a dot: folder scanners (the inbox watcher, caches) pass over it.
@@ -6,12 +7,22 @@ name starts with a dot: folder scanners (the inbox watcher, caches) pass over it
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of file `path`, read 1 MiB at a time (checkpoints and deltas can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -24,7 +24,6 @@ that existed after task t, so the last task's file restores the whole shared rou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from cmoe.config import MoEConfig
-from cmoe.files import atomic_dir
+from cmoe.files import atomic_dir, file_sha256
 from cmoe.model.base import check_local_checkpoint, weights_sha256
 from cmoe.model.cmoe_layer import BASE, add_expert, add_task, cmoe_info, cmoe_layers
 from cmoe.model.locator import TaskVAE
@@ -143,7 +142,7 @@ def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, di
     for kind, named in tensors.items():
         file = folder / f"{kind}.safetensors"
         save_file({k: v.detach().contiguous() for k, v in named.items()}, file, metadata={"format": "pt"})
-        entries[kind] = {"sha256": _file_sha256(file), "tensors": _tensor_specs(file)}
+        entries[kind] = {"sha256": file_sha256(file), "tensors": _tensor_specs(file)}
     return entries
 
 
@@ -248,7 +247,7 @@ def _verify_delta(file: Path, entry: dict) -> None:
     """Refuse a delta file whose bytes or tensors (names, shapes, dtypes) differ from the manifest."""
     if not file.is_file():
         raise StateError(f"{file}: delta file missing")
-    sha = _file_sha256(file)
+    sha = file_sha256(file)
     if sha != entry["sha256"]:
         raise StateError(f"{file}: sha256 {sha} does not match the manifest's {entry['sha256']} "
                          "(corrupted or modified delta)")
@@ -307,14 +306,6 @@ def _load_llava(path: str) -> nn.Module:
         check_local_checkpoint(path), local_files_only=True, use_safetensors=True
     )
     return model.eval()
-
-
-def _file_sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tensor_specs(file: Path) -> dict[str, dict]:

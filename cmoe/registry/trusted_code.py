@@ -9,11 +9,11 @@ outside the model; `model_code_problem` refuses each before MLflow loads anythin
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from mlflow.models import Model
 
+from cmoe.files import file_sha256
 from cmoe.registry.shipped_code import shipped_code_problem
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")  # the installed entry point, logged with every version
@@ -31,7 +31,7 @@ def model_code_problem(model_dir: Path) -> str | None:
     code = model_dir / Path(flavor["model_code_path"]).name  # where MLflow reads it from
     if not code.is_file():
         return f"its model code {code.name} is missing"
-    logged, installed = _sha256(code), _sha256(MODEL_CODE)
+    logged, installed = file_sha256(code), file_sha256(MODEL_CODE)
     if logged != installed:
         return (f"its model code {code.name} (sha256 {logged[:16]}…) differs from the installed "
                 f"{MODEL_CODE} ({installed[:16]}…): it would run code this cmoe does not ship")
@@ -41,7 +41,3 @@ def model_code_problem(model_dir: Path) -> str | None:
         if not (model_dir / artifact.get("path", "")).resolve().is_relative_to(model_dir.resolve()):
             return f"its artifact {name!r} lies outside the model ({artifact.get('path')!r})"
     return None
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

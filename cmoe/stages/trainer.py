@@ -23,7 +23,6 @@ run resumes from the newest recorded one (or starts fresh).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
-from cmoe.files import write_text_atomic
+from cmoe.files import file_sha256, write_text_atomic
 from cmoe.net import free_port
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
@@ -375,11 +374,7 @@ def _folder_hashes(folder: Path) -> dict[str, str]:
     hashes = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():  # a link counts as the file DeepSpeed would open through it
-            h = hashlib.sha256()
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            hashes[str(path.relative_to(folder))] = h.hexdigest()
+            hashes[str(path.relative_to(folder))] = file_sha256(path)
     return hashes
 
 
