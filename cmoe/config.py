@@ -7,6 +7,7 @@ reason, before any model is built or any state is written.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -123,6 +124,31 @@ class CompactConfig(_Section):
     # A step is kept only if no task's accuracy falls more than this many points below its accuracy
     # before the compaction (locator routing, as the gate measures it).
     max_drop: float = Field(1.0, ge=0.0, le=100.0)
+
+
+class TuneConfig(_Section):
+    """`cmoe tune`: the `probe.tau_scale` values swept on a pilot sequence, and which point is chosen.
+
+    Each value learns the pilot bundles as a throwaway lineage; the chosen point is the one that
+    adds the fewest parameters among those whose Avg is within `max_avg_drop` of the best
+    (docs/method.md, "Tuning tau on pilot data"). The locator temperature is not swept: the
+    locator routes by argmin, so it changes neither routing nor Avg.
+    """
+
+    tau_scales: list[float] = [0.5, 1.0, 2.0]  # multiples of the probe's tau; below 1 grows more, above 1 less
+    max_avg_drop: float = Field(1.0, ge=0.0, le=100.0)  # Avg points a chosen point may lie below the best
+
+    @field_validator("tau_scales")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one tau_scale")
+        bad = [x for x in v if not (x > 0 and math.isfinite(x))]
+        if bad:
+            raise ValueError(f"every tau_scale must be a finite number > 0, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"tau_scales {v} repeat a value")
+        return v
 
 
 class ExpandConfig(_Section):
@@ -256,6 +282,7 @@ class CmoeConfig(_Section):
     probe: ProbeConfig = ProbeConfig()
     expand: ExpandConfig = ExpandConfig()
     compact: CompactConfig = CompactConfig()
+    tune: TuneConfig = TuneConfig()
     locator: LocatorConfig = LocatorConfig()
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
@@ -273,28 +300,54 @@ CONFIG_ENV = "CMOE_CONFIG"  # path of the YAML config used when none is given (d
 
 def load_config(path: str | Path | None = None, **overrides: object) -> CmoeConfig:
     """Read a YAML config (or $CMOE_CONFIG, or the defaults when both are unset), apply top-level overrides."""
-    data: dict = {}
+    path, data = _read(path)
+    data.update(overrides)
+    return _validated(data, path)
+
+
+def config_with(path: str | Path | None, changes: dict[str, object]) -> str:
+    """The YAML text of the config `load_config(path)` reads, with each dotted field of `changes` (e.g.
+    {"probe.tau_scale": 2.0}) set and every other line's value as the file has it; checked to load."""
+    path, data = _read(path)
+    for dotted, value in changes.items():
+        *sections, name = dotted.split(".")
+        node = data
+        for section in sections:  # a section the file leaves out (or empty) starts as {}
+            node[section] = node.get(section) or {}
+            node = node[section]
+        node[name] = value
+    _validated(data, path)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _read(path: str | Path | None) -> tuple[str | Path | None, dict]:
+    """The config file's path (`path`, else $CMOE_CONFIG, else None: the defaults) and its mapping."""
     if path is None:
         path = os.environ.get(CONFIG_ENV) or None
-    if path is not None:
-        p = Path(path)
-        if p.exists() and not (p.is_file() or p.is_dir()):  # a FIFO or device would block the read
-            raise ConfigError(f"{p}: not a regular file")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except IsADirectoryError:
-            raise ConfigError(f"{p}: is a folder, not a config file") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): not a YAML config") from None
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
-    data.update(overrides)
+    if path is None:
+        return None, {}
+    p = Path(path)
+    if p.exists() and not (p.is_file() or p.is_dir()):  # a FIFO or device would block the read
+        raise ConfigError(f"{p}: not a regular file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): not a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())[:300]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+    return path, data
+
+
+def _validated(data: dict, path: str | Path | None) -> CmoeConfig:
+    """`data` as a CmoeConfig; a ConfigError naming the file and each wrong field otherwise."""
     try:
         return CmoeConfig.model_validate(data)
     except ValidationError as e:

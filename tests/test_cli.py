@@ -24,6 +24,7 @@ COMMANDS = {
     "expand": ["expand", "bundle", "--plan", "probe.json", "--out", "out"],
     "evaluate": ["evaluate", "state", "--out", "out"],
     "bench": ["bench", "--suite", "coin-mini", "--out", "out"],
+    "tune": ["tune", "--pilot", "bundle", "--out", "out"],
     "base build": ["base", "build"],
     "doctor": ["doctor"],
 }

@@ -6,7 +6,8 @@ apply_defaults()
 
 import typer  # noqa: E402
 
-from cmoe.cli import base, compact, data, doctor, lineage, pipeline, resources, retire, review, serve, stages  # noqa: E402
+from cmoe.cli import (  # noqa: E402
+    base, compact, data, doctor, lineage, pipeline, resources, retire, review, serve, stages, tune)
 
 app = typer.Typer(
     name="cmoe",
@@ -21,7 +22,7 @@ app.add_typer(review.app, name="review", help="Candidates and plans awaiting a d
 for command in (pipeline.run, pipeline.watch, retire.retire, compact.compact, review.rollback, lineage.lineage,
                 serve.predict, pipeline.demo):
     app.command()(command)
-for command in (stages.probe, stages.expand, stages.evaluate, stages.bench):
+for command in (stages.probe, stages.expand, stages.evaluate, stages.bench, tune.tune):
     app.command()(command)
 app.command()(doctor.doctor)
 app.command()(resources.plan_resources)

@@ -59,6 +59,17 @@ def setup(config: Path | None) -> tuple[CmoeConfig, str | None]:
     return cfg, str(config.resolve()) if config else None
 
 
+def ensure_base(cfg: CmoeConfig) -> None:
+    """Without `base.path`, build the tiny base under `<home>/base` (reused once built) and point the config at it."""
+    if cfg.base.path is not None:
+        return
+    from cmoe.stages.pretrain import build_base
+
+    built = build_base(cfg.base, cfg.home / "base", cache_dir=cfg.home / "cache", moe=cfg.moe)
+    console.print(f"base: {built.path} ({'reused' if built.reused else f'built in {built.wall_s:.0f} s'})")
+    cfg.base.path = str(built.path)
+
+
 def open_registry(cfg: CmoeConfig):  # noqa: ANN201 - import kept lazy: MLflow takes seconds to import
     """The MLflow registry of the config."""
     from cmoe.registry import Registry

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cmoe.cli.common import ConfigOpt, console, error, fail, load
+from cmoe.cli.common import ConfigOpt, console, ensure_base, error, fail, load
 
 ParentOpt = Annotated[Path | None, typer.Option("--parent", help="CMoE state to build on (default: the base).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
@@ -105,13 +105,10 @@ def bench(
     cfg = load(config)
     from cmoe.data.synth import synth_suite
     from cmoe.stages.bench import bundles_in, run_bench
-    from cmoe.stages.pretrain import build_base
 
     if base is not None:
         cfg.base.path = str(base)
-    elif cfg.base.path is None:
-        built = build_base(cfg.base, cfg.home / "base", cache_dir=cfg.home / "cache", moe=cfg.moe)
-        console.print(f"base: {built.path} ({'reused' if built.reused else f'built in {built.wall_s:.0f} s'})")
+    ensure_base(cfg)
     if suite is not None:
         folder = out / "suite"
         if not folder.exists():

@@ -219,11 +219,32 @@ class Registry:
             run_tags = {"cmoe.key": key, "task": task, "bundle_sha256": bundle_sha256,
                         "parent_version": str(parent_version or _NONE), **(tags or {})}
             run_id = self.client.create_run(self.experiment_id, tags=run_tags, run_name=task).info.run_id
-            # The config as params, any URI's password redacted (e.g. a tracking URI with credentials).
-            params = [mlflow.entities.Param(k, redact_uri(json.dumps(v) if isinstance(v, list | dict) else str(v)))
-                      for k, v in flatten(config).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=params[i:i + 100])
+            self._log_config(run_id, config)
+        return run_id
+
+    def _log_config(self, run_id: str, config: dict[str, Any]) -> None:
+        """The config as the run's params, any URI's password redacted (e.g. a tracking URI with credentials)."""
+        params = [mlflow.entities.Param(k, redact_uri(json.dumps(v) if isinstance(v, list | dict) else str(v)))
+                  for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=params[i:i + 100])
+
+    def log_tuning(self, config: dict[str, Any], result: Any) -> str:
+        """One run per `cmoe tune` (cmoe.stages.tune's TuneResult; tag `cmoe.tune`): the config as params,
+        each point as one step of `point.*` metrics, the chosen one as `chosen.*`, the table as an MLflow
+        table, and the report, the table, the Pareto chart and the tuned config as artifacts."""
+        data = asdict(result)
+        run_id = self.client.create_run(self.experiment_id, run_name="tune",
+                                        tags={"cmoe.tune": "true", "tune.reason": data["reason"][:_MAX_TAG]}).info.run_id
+        self._log_config(run_id, config)
+        points = data["points"]
+        for step, point in enumerate(points):
+            self.log_step(run_id, step, point, prefix="point.")
+        self._log_metrics(run_id, {"chosen": next(p for p in points if p["tau_scale"] == data["chosen"])})
+        self.client.log_table(run_id, {k: [p[k] for p in points] for k in points[0]}, "tune_table.json")
+        for name in ("report_json", "table_md", "pareto_png", "config_yaml"):
+            self.client.log_artifact(run_id, data[name])
+        self.client.set_terminated(run_id)
         return run_id
 
     def stage_run(self, parent_run_id: str, stage: str) -> str:
