@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from cmoe.config import CmoeConfig
-from cmoe.model.state import StateError, verify_state
+from cmoe.model.state import MANIFEST, StateError, read_manifest, verify_state
 from cmoe.redact import redact_uri
 from cmoe.registry.model_card import with_decision
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
@@ -587,6 +587,24 @@ class Registry:
         if not state.is_relative_to(model_dir.resolve()):  # a crafted MLmodel must not point elsewhere
             raise RegistryError(f"version {version}: its MLmodel names a state outside the model ({state})")
         return state
+
+    def manifest(self, version: int) -> dict:
+        """A version's state manifest (cmoe.model.state), without its weights: read from the local copy
+        when one is cached, else only the MLmodel file and the manifest are downloaded."""
+        if (self._cache / f"v{version}" / "MLmodel").is_file():
+            return read_manifest(self.state_dir(version))
+        self._point_mlflow_here()
+        uri = f"models:/{self.model_name}/{version}"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel", dst_path=f"{tmp}/m")
+                state = Model.load(mlmodel).flavors["python_function"]["artifacts"][STATE_ARTIFACT]["path"]
+                if Path(state).is_absolute() or ".." in Path(state).parts:  # a crafted MLmodel must not point elsewhere
+                    raise RegistryError(f"version {version}: its MLmodel names a state outside the model ({state})")
+                file = mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/{state}/{MANIFEST}", dst_path=f"{tmp}/s")
+                return read_manifest(Path(file).parent)
+        except (MlflowException, KeyError, StateError) as err:
+            raise RegistryError(f"version {version}: no readable state manifest ({redact_uri(str(err))[:300]})") from None
 
     def verify_loadable(self, version: int) -> Path:
         """The version's state, downloaded from the artifact store and checked as a load checks it

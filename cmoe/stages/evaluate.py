@@ -61,6 +61,8 @@ class EvalReport:
     # Per task, each kept-set row's locator margin (best minus second-best task probability) under
     # locator routing: the gate's share of unsure rows; empty for single-router models.
     locator_margin: dict[str, list[float]] = field(default_factory=dict)
+    # The state's compaction history (what each compaction merged and retired): the growth plot's other half.
+    compactions: list[dict] = field(default_factory=list)
 
 
 def answer_task(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConfig, mode: RoutingMode,
@@ -145,7 +147,7 @@ def evaluate_model(cfg: CmoeConfig, model: torch.nn.Module, processor, eval_sets
         eval_samples_per_s=n * (1 if single else 2) / wall,
         report_json=str(out_dir / "eval.json"), heatmap_png=str(out_dir / "accuracy.png"),
         experts=experts_per_layer(model), latency_ms=latency_ms, predict_samples_per_s=n / predict_s,
-        locator_margin=margins,
+        locator_margin=margins, compactions=list(info.compactions),
         flops_per_token=flops_per_token(
             counts.active_per_token, model.config.text_config.num_hidden_layers, model.config.text_config.hidden_size,
             # the prompt (image tokens included) and the answer, on average half-way through it

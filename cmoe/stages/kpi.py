@@ -4,7 +4,8 @@ From the evaluation report (sizes, routing, latency, measured on the kept evalua
 stages' wall times: parameters total / active per token / added by the task, analytical forward
 FLOPs per token, the mis-routing rate, predict latency p50 / p95 and throughput, wall time per
 stage, device-hours and their estimated cost at `kpi.cost_per_device_hour`. Two plots go with
-them: experts per layer across the lineage's tasks, and the locator's confusion matrix.
+them: experts per layer across the lineage's tasks and compactions (cmoe.stages.growth: added,
+merged, retired), and the locator's confusion matrix.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cmoe.config import KpiConfig
+from cmoe.stages.growth import GrowthEvent, growth_events
 
 if TYPE_CHECKING:  # evaluate imports flops_per_token from here
     from cmoe.stages.evaluate import EvalReport
-
-BASE = "base"  # origin of the upcycled experts (cmoe.model.cmoe_layer.BASE)
 
 
 @dataclass
@@ -82,30 +82,35 @@ def task_kpis(cfg: KpiConfig, task: str, params_added: int, report: EvalReport, 
         report_json=str(out_dir / "kpi.json"),
     )
     Path(kpis.report_json).write_text(json.dumps(asdict(kpis), indent=2))
-    plot_growth(report.experts, report.tasks, Path(kpis.growth_png))
+    plot_growth(growth_events(report.experts, report.tasks, report.compactions), Path(kpis.growth_png))
     if report.confusion:
         plot_confusion(report.confusion, report.tasks, Path(kpis.confusion_png))
     return kpis
 
 
-def experts_after(experts: dict[str, dict[str, int]], tasks: list[str]) -> dict[str, list[int]]:
-    """Per CMoE layer, its expert count after each task of `tasks` ({layer: {added by: count}} in)."""
-    return {layer: [sum(n for origin, n in by.items() if origin not in tasks[i + 1:]) for i in range(len(tasks))]
-            for layer, by in experts.items()}
-
-
-def plot_growth(experts: dict[str, dict[str, int]], tasks: list[str], path: Path) -> None:
-    """Experts per CMoE layer after each task: where the lineage grew."""
+def plot_growth(events: list[GrowthEvent], path: Path) -> None:
+    """Experts per CMoE layer after each task and each compaction (cmoe.stages.growth): where the lineage
+    grew, and where merges and retirements took experts out (a compaction's label says how many)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.1 * len(tasks) + 3, 3))
-    for layer, counts in experts_after(experts, tasks).items():
-        ax.plot(range(len(tasks)), counts, marker="o", label=f"layer {layer}")
-    ax.set_xticks(range(len(tasks)), [f"after {t}" for t in tasks], rotation=30, ha="right")
+    fig, ax = plt.subplots(figsize=(1.1 * len(events) + 3, 3.4))
+    for layer in events[0].experts if events else []:
+        ax.plot(range(len(events)), [e.experts[layer] for e in events], marker="o", label=f"layer {layer}")
+    for x, e in enumerate(events):
+        if e.kind == "compact":
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(events)), [_growth_label(e) for e in events], rotation=30, ha="right")
     ax.set_ylabel("experts")
-    ax.legend(loc="upper left", fontsize="small")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _growth_label(event: GrowthEvent) -> str:
+    if event.kind == "learn":
+        return f"after {event.task}"
+    return f"compacted: {sum(event.merged.values())} merged, {sum(event.retired.values())} retired"
 
 
 def plot_confusion(confusion: list[list[int]], tasks: list[str], path: Path) -> None:

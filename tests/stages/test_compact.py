@@ -78,3 +78,42 @@ def test_a_full_layer_is_compacted_before_it_grows(lineage: Lineage, tmp_path: P
     assert [len(x.experts) for x in cmoe_layers(load_state(made.state_dir)).values()] == [3, 3]
     roomy = cfg.model_copy(update={"moe": cfg.moe.model_copy(update={"max_experts_per_layer": 5})})
     assert run_make_room(roomy, lineage.state(1), tmp_path / "none") is None
+
+
+def test_the_growth_history_counts_each_merge_and_each_task_expert_it_took(lineage: Lineage, merged) -> None:  # noqa: ANN001
+    from cmoe.model.state import read_manifest
+    from cmoe.stages.growth import manifest_growth
+
+    first, second = lineage.names
+    learned1, learned2, compacted = manifest_growth(read_manifest(Path(merged.state_dir)))
+    assert (learned1.task, learned1.added, learned1.experts) == (first, {"0": 2, "1": 0}, {"0": 4, "1": 2})
+    assert (learned2.task, learned2.added, learned2.experts) == (second, {"0": 0, "1": 1}, {"0": 4, "1": 3})
+    assert (compacted.label, compacted.merged, compacted.retired) == (f"compact after {second}", {"0": 1, "1": 0},
+                                                                     {"0": 0, "1": 0})
+    assert compacted.experts == merged.experts_after
+
+
+def test_cmoe_lineage_lists_the_experts_each_task_added_and_a_compaction_retired(
+        lineage: Lineage, retired, tmp_path: Path) -> None:  # noqa: ANN001
+    import yaml
+    from typer.testing import CliRunner
+
+    from cmoe.cli import app
+    from cmoe.registry import COMPACTED_TAG, Registry
+
+    cfg = lineage.cfg.model_copy(update={"home": tmp_path / "home"})
+    registry = Registry(cfg)
+    run = registry.start_task_run("compacted", "compact", "", None, {})
+    version = registry.register_candidate(run, Path(retired.state_dir), key="compacted", task="compact", bundle_uri="",
+                                          bundle_sha256="", parent_version=None, acc={}, metrics={}, gate={},
+                                          tags={COMPACTED_TAG: '{"retired": 3, "merged": 0}'})
+    config = tmp_path / "cmoe.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["lineage", str(version), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    first, second = lineage.names
+    rows = {line.split("│")[2].strip(): [c.strip() for c in line.split("│")[3:-1]]
+            for line in result.stdout.splitlines() if line.count("│") == 8}  # version, after, 2 layers, 3 totals
+    # layer 0, layer 1, added, merged, retired
+    assert rows[first] == ["4 (+2)", "2", "2", "0", "0"] and rows[second] == ["4", "3 (+1)", "1", "0", "0"]
+    assert rows[f"compact after {second}"] == ["2 (2 retired)", "2 (1 retired)", "0", "0", "3"]

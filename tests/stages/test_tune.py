@@ -68,3 +68,16 @@ def test_a_bad_grid_is_one_clear_error_and_nothing_is_written(
                                       "--config", str(_config_file(make_cfg(), tmp_path))])
     assert result.exit_code == 2 and message in result.output and f"--grid {grid!r}" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pilot, rc, message", [([], 2, "give the pilot bundles"),
+                                                (["first", "missing"], 1, "bundle folder not found")])
+def test_no_bundle_or_an_unreadable_one_is_refused_before_anything_is_written(
+        pilot: list[str], rc: int, message: str, suite: list, make_cfg, tmp_path: Path) -> None:  # noqa: ANN001
+    from cmoe.cli import app
+
+    uris = [suite[0].uri if p == "first" else str(tmp_path / p) for p in pilot]
+    result = CliRunner().invoke(app, ["tune", *(["--pilot", *uris] if uris else []), "--out", str(tmp_path / "out"),
+                                      "--config", str(_config_file(make_cfg(), tmp_path))])
+    assert result.exit_code == rc and message in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "home").exists()
