@@ -29,8 +29,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/cmoe demo
 
+# Two pytest workers, one torch thread each (tests/conftest.py); a test module stays on one worker,
+# so its module fixtures (trained lineages, the service stack's inbox) are built once.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/cmoe bench --suite coin-mini --methods cmoe,naive-expand,single-router,seq-ft,joint --out runs/bench

@@ -128,7 +128,11 @@ def resumable(out: Path, result_type: type[T], compute: Callable[[Path], T]) -> 
     done = out / DONE
     if done.is_file():
         data = json.loads(done.read_text())
-        return result_type(**{f.name: data[f.name] for f in fields(result_type) if f.init})
+        wanted = [f.name for f in fields(result_type) if f.init]
+        # A result written by an older cmoe lacks the fields added since: compute it again rather
+        # than fail on (or guess) what the stage would have said.
+        if all(name in data for name in wanted):
+            return result_type(**{name: data[name] for name in wanted})
     # Leftovers of an unfinished attempt stay: expansion resumes from its own training checkpoints.
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

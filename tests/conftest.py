@@ -1,5 +1,6 @@
 """Suite-wide set-up: the CLI's offline environment, and one tiny suite + base per session."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,12 @@ import pytest
 from cmoe.env import apply_defaults
 
 apply_defaults()
+# One intra-op thread for this process and every process a test starts (they inherit the
+# environment): the tiny models gain nothing from a second thread, and on a shared two-core machine
+# a thread pool waits on whichever core a neighbour holds — the tiny base built in 61 s with two
+# threads beside a neighbour's load, in 12 s with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +37,4 @@ def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) 
     built = build_base(cfg.base, home / "base", corpus=tiny_suite[0].parent / "pretrain", cache_dir=home / "cache",
                        moe=cfg.moe)
     return Path(built.path)
+

@@ -1,13 +1,16 @@
-"""A task arrival's stage key: finished stages are reused only for the same bundle, champion and results config."""
+"""A task arrival's stage key: finished stages are reused only for the same bundle, champion and results config,
+and only when their stored result has every field this version's result has."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from cmoe.config import CmoeConfig
-from flows.continual import stage_key
+from flows.continual import DONE, resumable, stage_key
 
 SHA = "ab" * 32
 
@@ -38,3 +41,19 @@ def test_a_value_that_changes_no_stage_result_reuses_the_work(change: dict) -> N
 def test_the_bundle_and_the_champion_name_the_work() -> None:
     cfg = CmoeConfig()
     assert stage_key(SHA, 3, cfg) != stage_key(SHA, 4, cfg) != stage_key("cd" * 32, 4, cfg)
+
+
+@dataclass
+class Result:
+    answer: int
+    margin: list[float] = field(default_factory=list)
+
+
+def test_a_finished_stage_is_read_back_instead_of_computed(tmp_path: Path) -> None:
+    resumable(tmp_path, Result, lambda _: Result(1, [0.5]))
+    assert resumable(tmp_path, Result, lambda _: Result(2)) == Result(1, [0.5])
+
+
+def test_a_result_an_older_version_wrote_without_a_new_field_is_computed_again(tmp_path: Path) -> None:
+    (tmp_path / DONE).write_text(json.dumps({"answer": 1}))
+    assert resumable(tmp_path, Result, lambda _: Result(2, [0.5])) == Result(2, [0.5])

@@ -231,12 +231,10 @@ def _assert_close(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path: Path) -> None:
+def test_a_two_process_checkpoint_resumes_in_one_process_to_the_weights_of_one(tmp_path: Path) -> None:
+    # Equal final weights need the two processes' first 10 steps to equal one process's: a whole
+    # two-process run against one is tests/production/test_expand_multiprocess.py, through the stage.
     _script(tmp_path, "one.safetensors")
-    _script(tmp_path, "two.safetensors", nproc=2)
-    _assert_close(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
-    assert json.loads((tmp_path / "two.safetensors.json").read_text())["world_size"] == 2
-
     # ZeRO-2 with 2 processes, stopped after its step-10 checkpoint; one process finishes the run.
     ckpt = tmp_path / "ckpt"
     stop_args = ("--checkpoint-dir", str(ckpt), "--stop-at", "12")
