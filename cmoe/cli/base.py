@@ -1,4 +1,4 @@
-"""`cmoe base`: build the tiny default base, or inspect any local LLaVA-style checkpoint."""
+"""`cmoe base`: build the tiny default base, or inspect a local checkpoint of a supported family."""
 
 from __future__ import annotations
 
@@ -45,9 +45,12 @@ def build(
                   f"(margin {s['margin']:+.1f})")
 
 
+_INFO_PATH = "A local checkpoint folder: LLaVA, LLaVA-NeXT / OneVision, Qwen2-VL / 2.5-VL or Idefics3 / SmolVLM."
+
+
 @app.command()
-def info(path: Annotated[Path, typer.Argument(help="A local LLaVA-style checkpoint folder.")]) -> None:
-    """Print backbone types, parameter counts and layers of a base checkpoint."""
+def info(path: Annotated[Path, typer.Argument(help=_INFO_PATH)]) -> None:
+    """Print the family, backbone types, parameter counts and layers of a base checkpoint."""
     from cmoe.model.base import BaseModelError, describe, load_base
 
     try:

@@ -2,8 +2,10 @@
 
 The tiny default is a real `LlavaForConditionalGeneration` (CLIP vision tower → projector → Llama
 text model), so every code path that handles it also handles real LLaVA checkpoints with Llama,
-Qwen2 or Mistral text models. Nothing is ever downloaded: a path that is not a local checkpoint
-fails at once with a clear message.
+Qwen2 or Mistral text models. Local checkpoints of the other supported families (LLaVA-NeXT /
+OneVision, Qwen2-VL / Qwen2.5-VL, Idefics3 / SmolVLM: cmoe.model.families) load the same way,
+each with its own processor inputs and chat template. Nothing is ever downloaded: a path that is
+not a local checkpoint of a supported family fails at once with a clear message.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from cmoe.config import BaseModelConfig
-from cmoe.model.processor import VLProcessor
+from cmoe.model.families import FAMILIES, attribute, family, family_of
+from cmoe.model.processor import VLProcessor, read_chat_template
+from cmoe.model.surgery import not_gated
 from cmoe.model.tokenizer import BOS, EOS, IMAGE, PAD, SPECIAL_TOKENS
 
 SUPPORTED_TEXT_MODELS = ("llama", "qwen2", "mistral")
@@ -77,7 +82,7 @@ def tiny_image_processor(cfg: BaseModelConfig) -> CLIPImageProcessorPil:
 
 
 def check_local_checkpoint(path: str | Path) -> Path:
-    """Fail fast, with the reason, unless `path` is a local LLaVA-style checkpoint directory."""
+    """Fail fast, with the reason, unless `path` is a local checkpoint directory of a supported family."""
     p = Path(path)
     if not p.exists():
         raise BaseModelError(
@@ -87,24 +92,41 @@ def check_local_checkpoint(path: str | Path) -> Path:
     if not cfg_file.is_file():
         raise BaseModelError(f"{p}: not a Hugging Face checkpoint (config.json missing)")
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") != "llava":
-        raise BaseModelError(f"{cfg_file}: model_type is {cfg.get('model_type')!r}; cmoe needs a LLaVA-style "
-                             "checkpoint (LlavaForConditionalGeneration)")
-    text_type = cfg.get("text_config", {}).get("model_type", "llama")
-    if text_type not in SUPPORTED_TEXT_MODELS:
-        raise BaseModelError(f"{cfg_file}: text model {text_type!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})")
+    fam = family_of(cfg.get("model_type"))
+    if fam is None:
+        raise BaseModelError(f"{cfg_file}: model_type is {cfg.get('model_type')!r}, not a vision-language family "
+                             f"cmoe supports (supported model_type: {', '.join(FAMILIES)})")
+    if fam.expand is None:  # LLaVA-1.5: the text models its documented template was checked on
+        text_type = cfg.get("text_config", {}).get("model_type", "llama")
+        if text_type not in SUPPORTED_TEXT_MODELS:
+            raise BaseModelError(f"{cfg_file}: text model {text_type!r} is not supported "
+                                 f"(supported: {', '.join(SUPPORTED_TEXT_MODELS)})")
+    elif read_chat_template(p) is None:
+        raise BaseModelError(f"{p}: no chat template (chat_template.jinja, chat_template.json, processor_config.json "
+                             f"or tokenizer_config.json): cmoe prompts {fam.name} checkpoints with their own")
     if not any(p.glob("*.safetensors")):
         raise BaseModelError(f"{p}: no *.safetensors weights (cmoe never unpickles .bin checkpoints)")
     return p
 
 
-def load_base(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[LlavaForConditionalGeneration, VLProcessor]:
-    """Load a local LLaVA-style checkpoint and its processor, frozen and in eval mode."""
+def load_model(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A local checkpoint's model (by its family's class, safetensors only) in eval mode; BaseModelError
+    when its text decoder has no gated MLP for CMoE to upcycle."""
     p = check_local_checkpoint(path)
-    model = LlavaForConditionalGeneration.from_pretrained(p, local_files_only=True, dtype=dtype, use_safetensors=True)
-    model.requires_grad_(False).eval()
-    return model, VLProcessor.from_pretrained(p, model.config)
+    fam = family(json.loads((p / "config.json").read_text())["model_type"])
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    model = fam.model_class.from_pretrained(p, local_files_only=True, use_safetensors=True, **kwargs)
+    problem = not_gated(model)
+    if problem:
+        raise BaseModelError(f"{p}: this {fam.name} checkpoint's text decoder cannot be upcycled: {problem}")
+    return model.eval()
+
+
+def load_base(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, VLProcessor]:
+    """Load a local checkpoint of a supported family and its processor, frozen and in eval mode."""
+    model = load_model(path, dtype)
+    model.requires_grad_(False)
+    return model, VLProcessor.from_pretrained(Path(path), model.config)
 
 
 def save_base(model: LlavaForConditionalGeneration, processor: VLProcessor, out: Path) -> None:
@@ -136,20 +158,22 @@ def weights_sha256(path: str | Path, *, weights_only: bool = False) -> str:
     return h.hexdigest()
 
 
-def describe(model: LlavaForConditionalGeneration) -> dict:
-    """Backbone types, parameter counts and layer counts, for `cmoe base info`."""
+def describe(model: PreTrainedModel) -> dict:
+    """Family, backbone types, parameter counts and layer counts, for `cmoe base info`."""
     cfg = model.config
-    parts = {"vision_tower": model.model.vision_tower, "projector": model.model.multi_modal_projector,
-             "language_model": model.model.language_model, "lm_head": model.lm_head}
+    fam = family(cfg.model_type)
+    vc, tc = cfg.vision_config, cfg.text_config
     return {
-        "vision_type": cfg.vision_config.model_type,
-        "text_type": cfg.text_config.model_type,
-        "image_size": cfg.vision_config.image_size,
-        "patch_size": cfg.vision_config.patch_size,
-        "vision_layers": cfg.vision_config.num_hidden_layers,
-        "text_layers": cfg.text_config.num_hidden_layers,
-        "text_hidden": cfg.text_config.hidden_size,
-        "vocab_size": cfg.text_config.vocab_size,
-        "params": {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()},
+        "family": fam.name,
+        "vision_type": vc.model_type,
+        "text_type": tc.model_type,
+        # Qwen2-VL reads any size (its patch grid follows the image): it has no fixed image_size
+        "image_size": getattr(vc, "image_size", None),
+        "patch_size": vc.patch_size,
+        "vision_layers": getattr(vc, "num_hidden_layers", getattr(vc, "depth", None)),
+        "text_layers": tc.num_hidden_layers,
+        "text_hidden": tc.hidden_size,
+        "vocab_size": tc.vocab_size,
+        "params": {k: sum(p.numel() for p in attribute(model, path).parameters()) for k, path in fam.parts.items()},
         "params_total": sum(p.numel() for p in model.parameters()),
     }

@@ -51,16 +51,12 @@ def decode(
     margin: list[float] | None = [] if mode == "locator" else None
     for i in range(0, len(encoded), batch_size):
         b = processor.collate(list(encoded[i:i + batch_size]), left_pad=True, device=device_of(model))
+        del b["labels"]  # the rest is the model's input: ids, mask and the family's image inputs
         tasks = [task] * len(b["input_ids"]) if mode == "oracle" else None
-        routed = nullcontext() if mode is None else routing(
-            model, mode, tasks, input_ids=b["input_ids"], pixel_values=b["pixel_values"],
-            attention_mask=b["attention_mask"])
+        routed = nullcontext() if mode is None else routing(model, mode, tasks, **b)
         with routed as pred:
-            gen = model.generate(
-                input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,
-                eos_token_id=processor.eos_id,
-            )
+            gen = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.pad_id,
+                                 eos_token_id=processor.eos_id)
         answers += processor.decode_answers(gen[:, b["input_ids"].shape[1]:])
         if pred is not None:
             located += pred.names

@@ -4,7 +4,8 @@ Design decisions (docs/method.md, choices 9-11 and 14):
 
 - Input: a frozen, task-agnostic, per-sample feature computed *before* the first CMoE layer, so it
   never changes when experts are added: mean-pooled projected image tokens ⊕ mean-pooled
-  embeddings of the prompt's text tokens (`locator_features`).
+  embeddings of the prompt's text tokens (`locator_features`), from the model's own vision side
+  and embeddings whatever its family.
 - Each task's VAE sees the feature standardised with *that task's* training mean/std, and is fit
   on that task's training data only: MLP encoder/decoder (SiLU), Gaussian latent, loss =
   per-feature MSE + beta * per-latent-dim KL, beta warmed up linearly over the first 30 % of steps.
@@ -17,6 +18,7 @@ Design decisions (docs/method.md, choices 9-11 and 14):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmoe.config import LocatorConfig
+from cmoe.model.families import family
 
 WARMUP_FRACTION = 0.3  # of training steps over which beta ramps from 0 to cfg.beta
 _EPS = 1e-6  # floor for standard deviations (constant features, perfectly reconstructed tasks)
@@ -32,19 +35,21 @@ _EPS = 1e-6  # floor for standard deviations (constant features, perfectly recon
 @torch.no_grad()
 def locator_features(
     model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None, **image_inputs: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-sample (B, 2d) feature of a LLaVA batch: mean projected image tokens ⊕ mean text embeddings.
+    """Per-sample (B, 2d) feature of a batch: mean projected image tokens ⊕ mean text embeddings.
 
-    Uses only the vision tower, the projector and the input embeddings (all frozen), never the
-    decoder: the feature is the same before and after any expansion. One image per sample; a
-    batch without images gets zeros for the image half. Image and padding tokens are left out of
-    the text mean.
+    Uses only the vision side (tower and projector) and the input embeddings (all frozen), never
+    the decoder: the feature is the same before and after any expansion. `image_inputs` are the
+    family's other image inputs beside `pixel_values` (LLaVA-NeXT's image_sizes, Qwen2-VL's
+    image_grid_thw, ...; any other batch key is ignored). One image per sample; a batch without
+    images gets zeros for the image half. Image and padding tokens are left out of the text mean.
     """
     text_mean = text_features(model, input_ids, attention_mask)
     if pixel_values is None:
         return torch.cat([torch.zeros_like(text_mean), text_mean], dim=-1)
-    return torch.cat([image_features(model, pixel_values), text_mean], dim=-1)
+    return torch.cat([image_features(model, {"input_ids": input_ids, "pixel_values": pixel_values, **image_inputs}),
+                      text_mean], dim=-1)
 
 
 @torch.no_grad()
@@ -59,14 +64,19 @@ def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
 
 
 @torch.no_grad()
-def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The image half (B, d): mean of the projected image tokens (vision tower + projector only)."""
-    cfg = model.config
-    out = model.model.get_image_features(
-        pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True,
-    )
-    return torch.stack([f.mean(0) for f in out.pooler_output]).float()
+def image_features(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The image half (B, d): mean of each sample's projected image tokens (the vision side only).
+
+    `batch` holds input_ids and the family's image inputs. Every family's `get_image_features`
+    returns the projected tokens in the order the prompts' image tokens take them, so each sample's
+    share is as many of them as its prompt has image tokens.
+    """
+    keys = family(model.config.model_type).image_inputs
+    inputs = {k: v for k, v in batch.items() if k in keys}
+    pooled = model.model.get_image_features(**inputs, return_dict=True).pooler_output
+    tokens = torch.cat(list(pooled)) if isinstance(pooled, (list, tuple)) else pooled
+    counts = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    return torch.stack([f.mean(0) for f in tokens.split(counts)]).float()
 
 
 def drop_tokens(attention_mask: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -63,15 +63,16 @@ def route(model: nn.Module, tasks: Tasks | None) -> Iterator[None]:
 @contextmanager
 def route_by_locator(
     model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None, **image_inputs: torch.Tensor,
 ) -> Iterator[LocatorPrediction]:
-    """Locate every sample's task with PTL, route by it, and yield the prediction."""
+    """Locate every sample's task with PTL, route by it, and yield the prediction (`image_inputs`: the
+    family's other image inputs, as `locator_features` reads them)."""
     info = cmoe_info(model)
     locator = info.locator
     missing = [t for t in info.tasks if t not in locator.tasks]
     if missing:
         raise RuntimeError(f"locator routing needs a VAE for every task; missing for {missing}")
-    pred = locator.predict(locator_features(model, input_ids, pixel_values, attention_mask))
+    pred = locator.predict(locator_features(model, input_ids, pixel_values, attention_mask, **image_inputs))
     with route(model, pred.names):
         yield pred
 
@@ -79,7 +80,7 @@ def route_by_locator(
 @contextmanager
 def routing(
     model: nn.Module, mode: RoutingMode, tasks: Tasks | None = None, *, input_ids: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **image_inputs: torch.Tensor,
 ) -> Iterator[LocatorPrediction | None]:
     """One entry point for evaluation: route a batch by `mode`; yields the locator's prediction or None."""
     if mode == "oracle":
@@ -88,7 +89,7 @@ def routing(
     elif mode == "locator":
         if input_ids is None:
             raise ValueError("locator routing needs the batch's input_ids (and pixel_values)")
-        with route_by_locator(model, input_ids, pixel_values, attention_mask) as pred:
+        with route_by_locator(model, input_ids, pixel_values, attention_mask, **image_inputs) as pred:
             yield pred
     elif mode == "single":
         if not cmoe_info(model).single_router:

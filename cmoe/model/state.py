@@ -33,11 +33,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import LlavaForConditionalGeneration
 
 from cmoe.config import MoEConfig
 from cmoe.files import atomic_dir, file_sha256
-from cmoe.model.base import check_local_checkpoint, weights_sha256
+from cmoe.model.base import load_model, weights_sha256
 from cmoe.model.cmoe_layer import BASE, add_expert, add_task, cmoe_info, cmoe_layers
 from cmoe.model.locator import TaskVAE
 from cmoe.model.surgery import convert_to_cmoe, dense_base
@@ -150,14 +149,14 @@ def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, di
 def load_state(path: str | Path, base_loader: BaseLoader | None = None) -> nn.Module:
     """Rebuild the CMoE model saved in `path`: verified base + conversion + every task delta in order.
 
-    `base_loader(dir) -> model` loads the dense base (default: a local LlavaForConditionalGeneration).
+    `base_loader(dir) -> model` loads the dense base (default: the local checkpoint, by its family).
     """
     root = Path(path)
     manifest = verify_state(root)
     base_dir = base_folder(root, manifest)
     # What a later save_state compares the base with: today's identity (an older state's is re-hashed).
     sha = manifest["base"]["sha256"] if manifest["base"].get("sha256_of") == BASE_HASH_OF else weights_sha256(base_dir)
-    model = (base_loader or _load_llava)(str(base_dir))
+    model = (base_loader or load_model)(str(base_dir))
     moe = manifest["moe"]
     convert_to_cmoe(
         model, MoEConfig(layers=moe["layers"], initial_experts=moe["initial_experts"], top_k=moe["top_k"],
@@ -299,13 +298,6 @@ def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) 
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise StateError(f"{file}: does not fit the model: {e}") from None
-
-
-def _load_llava(path: str) -> nn.Module:
-    model = LlavaForConditionalGeneration.from_pretrained(
-        check_local_checkpoint(path), local_files_only=True, use_safetensors=True
-    )
-    return model.eval()
 
 
 def _tensor_specs(file: Path) -> dict[str, dict]:

@@ -1,8 +1,9 @@
-"""Upcycling surgery: find the text decoder of an HF LLaVA-style model and turn chosen MLPs into CMoE layers.
+"""Upcycling surgery: find the text decoder of a vision-language model and turn chosen MLPs into CMoE layers.
 
-Works on any decoder whose layers have a gated MLP (`gate_proj`, `up_proj`, `down_proj`, `act_fn`:
-Llama, Qwen2, Mistral). The conversion is in place and freezes every base parameter: in the MoE
-stages only experts and routers train (MoE-LLaVA). A base folder that went through the MoE stage
+The decoder is where the model's family says (cmoe.model.families); works on any decoder whose
+layers have a gated MLP (`gate_proj`, `up_proj`, `down_proj`, `act_fn`: Llama, Qwen2, Mistral, and
+the Qwen2-VL and Idefics3 / SmolVLM text models). The conversion is in place and freezes every base
+parameter: in the MoE stages only experts and routers train (MoE-LLaVA). A base folder that went through the MoE stage
 (`cmoe.model.moe_base`) gives its trained experts and base router instead of copies.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from cmoe.config import MoEConfig
 from cmoe.model.cmoe_layer import CMoEInfo, CMoELayer, cmoe_info, cmoe_layers
+from cmoe.model.families import attribute, family_of
 from cmoe.model.moe_base import load_moe_base
 
 LayerSpec = str | list[int]
@@ -21,17 +23,33 @@ _GATED_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
 def text_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (the module with `.layers`) of a LLaVA model or of a plain causal LM."""
-    inner = getattr(model, "model", model)
-    for candidate in (getattr(inner, "language_model", None), inner):  # transformers 5 LLaVA, then causal LM
-        if isinstance(getattr(candidate, "layers", None), nn.ModuleList):
-            return candidate
-    raise TypeError(f"{type(model).__name__}: no text decoder found at model.language_model.layers or model.layers")
+    """The decoder stack (the module with `.layers`): where the model's family keeps it, or a plain causal LM's."""
+    family = family_of(getattr(getattr(model, "config", None), "model_type", None))
+    candidate = attribute(model, family.decoder) if family else getattr(model, "model", model)
+    if not isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+        where = family.decoder if family else "model"
+        raise TypeError(f"{type(model).__name__}: no text decoder found at {where}.layers")
+    return candidate
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The text model's decoder layers; layer `i`'s feed-forward block is `layers[i].mlp`."""
     return text_model(model).layers
+
+
+def _not_gated(i: int, mlp: object) -> str | None:
+    missing = [a for a in _GATED_MLP if not hasattr(mlp, a)]
+    return f"decoder layer {i}: {type(mlp).__name__} is not a gated MLP (missing {missing})" if missing else None
+
+
+def not_gated(model: nn.Module) -> str | None:
+    """Why the model's text decoder cannot be upcycled (none where its family keeps it, or its first
+    layer without a gated MLP), or None."""
+    try:
+        layers = decoder_layers(model)
+    except TypeError as err:
+        return str(err)
+    return next(filter(None, (_not_gated(i, getattr(layer, "mlp", None)) for i, layer in enumerate(layers))), None)
 
 
 def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
@@ -68,9 +86,9 @@ def convert_to_cmoe(
     info = CMoEInfo(cfg.initial_experts, cfg.top_k, cfg.aux_loss_coef, single_router, base_path)
     for i in indices:
         dense = layers[i].mlp
-        missing = [a for a in _GATED_MLP if not hasattr(dense, a)]
-        if missing:
-            raise TypeError(f"decoder layer {i}: {type(dense).__name__} is not a gated MLP (missing {missing})")
+        problem = _not_gated(i, dense)
+        if problem:
+            raise TypeError(problem)
         layers[i].mlp = CMoELayer(
             dense, dense.down_proj.out_features, cfg.initial_experts, cfg.top_k, i, info.routing, single_router
         )

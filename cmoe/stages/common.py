@@ -48,7 +48,7 @@ def open_lineage(cfg: CmoeConfig, parent_state: Path | None, *, single_router: b
         model = load_state(parent_state)
         manifest = read_manifest(Path(parent_state))
         b = Path(parent_state) / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
-        _, processor = load_base(b)  # tokenizer + image processor travel with the base
+        processor = VLProcessor.from_pretrained(b, model.config)  # its files travel with the base
         return model.eval().to(default_device()), processor
     b = base_dir(cfg)
     model, processor = load_base(b)

@@ -88,7 +88,7 @@ def fit_locator(model: torch.nn.Module, processor, data: TaskData, cfg: CmoeConf
     feats = []
     for i in range(0, len(prompts), cfg.eval.batch_size):
         b = processor.collate(prompts[i:i + cfg.eval.batch_size], left_pad=True, device=device_of(model))
-        image = image_features(model, b["pixel_values"])  # the image half is computed once per example
+        image = image_features(model, b)  # the image half is computed once per example
         masks = [b["attention_mask"]] + [drop_tokens(b["attention_mask"], lc.text_dropout, gen)
                                          for _ in range(lc.augment_copies)]
         feats += [torch.cat([image, text_features(model, b["input_ids"], m)], dim=-1).cpu() for m in masks]

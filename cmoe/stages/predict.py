@@ -55,17 +55,17 @@ def prompt_problem(cfg: CmoeConfig, state_dir: str | Path, image: bytes, questio
     model positions, or None: a longer prompt would be answered with confident garbage."""
     import io
 
-    from transformers import LlavaConfig
+    from transformers import AutoConfig
 
     from cmoe.model.state import base_folder, read_manifest
 
     state = Path(state_dir)
     base = base_folder(state, read_manifest(state))
-    llava = LlavaConfig.from_pretrained(base, local_files_only=True)
-    processor = VLProcessor.from_pretrained(base, llava)
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    processor = VLProcessor.from_pretrained(base, config)
     with Image.open(io.BytesIO(image)) as im:
         prompt = len(processor.encode(im.convert("RGB"), question).input_ids)  # as predict encodes it
-    positions = llava.text_config.max_position_embeddings
+    positions = config.text_config.max_position_embeddings
     if prompt + cfg.eval.max_new_tokens > positions:
         return (f"too long for the model: its prompt is {prompt} tokens (image included) + {cfg.eval.max_new_tokens} "
                 f"for the answer, over the model's {positions} positions")
