@@ -132,7 +132,7 @@ def test_a_task_is_learned_and_answered_on_each_family(checkpoint: Path, tiny_su
     from cmoe.model.state import load_state
     from cmoe.stages.evaluate import run_evaluate
     from cmoe.stages.expand import run_expand
-    from cmoe.stages.predict import predict_rows
+    from cmoe.stages.predict import predict_rows, prompt_problem
     from cmoe.stages.probe import run_probe
 
     cfg = tiny_test_config(tmp_path / "home")
@@ -143,9 +143,11 @@ def test_a_task_is_learned_and_answered_on_each_family(checkpoint: Path, tiny_su
     expanded = run_expand(cfg, bundle, None, probe, tmp_path / "expand", eval_set=kept, copy_base=False)
     report = run_evaluate(cfg, Path(expanded.state_dir), tmp_path / "eval", [])
     assert report.tasks == [bundle.name] and report.locator_acc == 100.0  # one task: the locator has one choice
-    images = [Image.open(p) for p in sorted((tiny_suite[0] / "test").rglob("*.png"))[:2]]
-    rows = predict_rows(cfg, expanded.state_dir, images, ["what color is the shape?"] * 2)
+    pngs = sorted((tiny_suite[0] / "test").rglob("*.png"))[:2]
+    rows = predict_rows(cfg, expanded.state_dir, [Image.open(p) for p in pngs], ["what color is the shape?"] * 2)
     assert [r["task"] for r in rows] == [bundle.name] * 2 and all(isinstance(r["answer"], str) for r in rows)
+    assert prompt_problem(cfg, expanded.state_dir, pngs[0].read_bytes(), "what color is the shape?") is None
+    assert "too long" in prompt_problem(cfg, expanded.state_dir, pngs[0].read_bytes(), "what color? " * 200)
     state = load_state(expanded.state_dir)  # the state loads back onto the family's own class, task and all
     assert type(state).__name__ == json.loads((checkpoint / "config.json").read_text())["architectures"][0]
     assert cmoe_info(state).tasks == [bundle.name] and cmoe_info(state).locator.tasks == [bundle.name]
