@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,pg]"
+	@# DeepSpeed JIT-compiles a CPU comm op on first use (~50 s): compile it here, with the install.
+	$(BIN)/python -c "from cmoe.stages.trainer import build_cpu_comm_op; build_cpu_comm_op()"
 	@touch $(STAMP)
 
 demo: setup

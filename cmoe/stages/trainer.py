@@ -23,11 +23,13 @@ run resumes from the newest recorded one (or starts fresh).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -408,12 +410,29 @@ def _check_inputs(model: torch.nn.Module, params: list[torch.nn.Parameter], data
         raise ValueError(f"model parameters with requires_grad=True missing from params: {extra[:5]}")
 
 
+def torch_extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops are cached: one folder per Python environment, because an op
+    built against one venv's headers is rebuilt (~50 s) by the next venv that loads it."""
+    env = hashlib.sha256(f"{sys.prefix}|{torch.__version__}|{deepspeed.__version__}".encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "cmoe" / "torch_extensions" / env
+
+
+def build_cpu_comm_op() -> None:
+    """Build DeepSpeed's CPU shared-memory comm op into the cache now (`make setup` calls it), so the
+    first engine of a run loads it instead of compiling it; on an accelerator without it, nothing."""
+    from deepspeed.ops import __compatible_ops__
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and __compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+
+
 def _init_distributed(device_type: str) -> None:
     """Join the process group once per process; alone, become rank 0 of 1 (else DeepSpeed tries mpi4py)."""
     if dist.is_initialized():
         return
-    # The first engine JIT-builds a shared-memory comm op (~60 s on CPU); cache it across runs.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cmoe" / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(torch_extensions_dir()))
     if "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

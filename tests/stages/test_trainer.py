@@ -215,7 +215,6 @@ def _script(tmp_path: Path, out: str, *args: str, nproc: int = 1, check: bool = 
     # Drop the rank variables the in-process tests set: the child would join this process's group.
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cmoe" / "torch_extensions"))
     cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path / out), "--config", "zero2", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
