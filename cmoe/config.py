@@ -246,6 +246,14 @@ class RegistryConfig(_Section):
     # Seconds between system-metric samples (CPU, memory, disk, network; GPU where pynvml is
     # installed) logged on the expansion's run; None = none logged.
     system_metrics_s: float | None = Field(10.0, gt=0.0)
+    # Every MLflow request (tracking, registry, artifacts through the server) waits at most
+    # request_timeout_s to connect and for each read, and is retried request_retries times (a
+    # refused or broken connection, a read timeout, a 429/5xx answer) after waits of 0, 4, 8 … s:
+    # with these defaults a server that refuses connections fails a command in about 14 s, one that
+    # never answers in under a minute (cmoe.registry.timeouts.worst_case_s). MLflow's own defaults
+    # (7 retries, 120 s) hang it for minutes. Raise the timeout for large artifacts through a slow server.
+    request_timeout_s: int = Field(10, ge=1)
+    request_retries: int = Field(3, ge=0, le=10)  # MLflow refuses more than 10
 
 
 class KpiConfig(_Section):

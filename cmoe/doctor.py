@@ -196,7 +196,7 @@ def check_inbox(cfg: CmoeConfig, timeout: float) -> Check:
     """The inbox the watcher lists: an S3 prefix (reachability, credentials, bundles there) or a folder."""
 
     def probe() -> str:
-        from cmoe.data.storage import S3Prefix, is_s3
+        from cmoe.data.storage import S3Limits, S3Prefix, is_s3, s3_client, s3_endpoint
 
         inbox = cfg.inbox or str(cfg.home / "inbox")
         if not is_s3(inbox):
@@ -205,16 +205,12 @@ def check_inbox(cfg: CmoeConfig, timeout: float) -> Check:
                 return f"{p} (local folder; does not exist yet)"
             n = sum(1 for c in p.iterdir() if c.is_dir() and (c / "task.yaml").is_file())
             return f"{p} (local folder; {n} complete bundle(s))"
-        import boto3
-        from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
         source = _aws_source()
-        endpoint = (os.environ.get("CMOE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-                    or os.environ.get("AWS_ENDPOINT_URL"))
+        endpoint = s3_endpoint()
         loc = S3Prefix.parse(inbox)
-        client = boto3.client("s3", endpoint_url=os.environ.get("CMOE_S3_ENDPOINT_URL") or None, config=Config(
-            connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1, "mode": "standard"}))
+        client = s3_client(S3Limits(connect_timeout_s=timeout, read_timeout_s=timeout, max_attempts=1))
         try:
             listing = client.list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, Delimiter="/", MaxKeys=1000)
         except (BotoCoreError, ClientError) as err:

@@ -1,6 +1,8 @@
 """Suite-wide set-up: the CLI's offline environment, and one tiny suite + base per session."""
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,12 @@ def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) 
                        moe=cfg.moe)
     return Path(built.path)
 
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A local port that accepts connections (the kernel's backlog) and never answers a byte: a hung service."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield s.getsockname()[1]

@@ -27,16 +27,22 @@ VersionArg = Annotated[int, typer.Argument(help="Model version number.")]
 def review_list(config: ConfigOpt = None) -> None:
     """Candidates and expansion plans waiting for a reviewer."""
     cfg, _ = setup(config)
+    from cmoe.registry import RegistryError
+
     registry = open_registry(cfg)
+    try:
+        versions, plans = registry.pending_reviews(), registry.pending_plans()
+        champion = registry.aliases().get("champion")
+    except RegistryError as err:
+        raise fail(err) from None
     table = Table("ref", "kind", "task", "builds on", "gate metrics", title="pending reviews")
-    for v in registry.pending_reviews():
+    for v in versions:
         metrics = ", ".join(f"{k} {x:.1f}" for k, x in v.gate.items())
         table.add_row(str(v.version), "version", v.task, f"v{v.parent_version or '-'}", metrics)
-    for p in registry.pending_plans():
+    for p in plans:
         table.add_row(p.tags.get("prefect_flow_run_name", p.run_id), "plan", p.task,
                       f"v{p.tags.get('parent_version', '-')}", "")
     console.print(table if table.row_count else "nothing waits for a review")
-    champion = registry.aliases().get("champion")
     console.print(f"champion: {f'v{champion}' if champion else 'none yet'}")
 
 

@@ -8,12 +8,15 @@ cache under `<cache_dir>/datasets/<bundle sha256>/`. Both are local copies of th
 removed once the bundle's task is decided (see `forget_download`, `loading.forget_local_copies`).
 
 The S3 endpoint comes from `CMOE_S3_ENDPOINT_URL`, else boto3's own `AWS_ENDPOINT_URL_S3` /
-`AWS_ENDPOINT_URL`; credentials come from the standard AWS chain and are never printed.
+`AWS_ENDPOINT_URL`; credentials come from the standard AWS chain and are never printed. Every S3
+request is bounded (`S3Limits`: connect and read timeouts, tries): an endpoint that is down or
+never answers fails with a StorageError naming it, not after botocore's minutes of retries.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import posixpath
 import shutil
@@ -25,9 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cmoe.data.bundle import TASK_FILE, BundleError, Problem, bundle_files
+from cmoe.redact import redact_uri
 
 S3_SCHEME = "s3://"
 
@@ -71,10 +77,64 @@ def is_s3(uri: str | Path) -> bool:
     return str(uri).startswith(S3_SCHEME)
 
 
-def s3_client():  # noqa: ANN201 - boto3 clients are generated classes without a stable type
-    """A boto3 S3 client; `CMOE_S3_ENDPOINT_URL` overrides the endpoint (e.g. a local moto server)."""
+@dataclass(frozen=True)
+class S3Limits:
+    """How long one S3 request may take: each try's connect and read timeouts, and the tries (the
+    first included) with botocore's standard back-off between them (under 1, 2, 4 … s).
+
+    botocore's defaults (60 s to connect, 60 s per read, 5 tries) hang a command for minutes on an
+    endpoint that accepts connections and never answers. With these defaults one request fails in
+    under 50 s at worst (`worst_case_s`); a refused connection fails at once. Set in the environment,
+    beside `CMOE_S3_ENDPOINT_URL`: `CMOE_S3_CONNECT_TIMEOUT_S`, `CMOE_S3_READ_TIMEOUT_S`,
+    `CMOE_S3_MAX_ATTEMPTS`.
+    """
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0  # between two reads of an answer, not a whole download
+    max_attempts: int = 3
+
+    @classmethod
+    def from_env(cls) -> S3Limits:
+        """The limits the environment sets (defaults for unset variables); StorageError naming a bad one."""
+        values = {}
+        for name, var, kind in (("connect_timeout_s", "CMOE_S3_CONNECT_TIMEOUT_S", float),
+                                ("read_timeout_s", "CMOE_S3_READ_TIMEOUT_S", float),
+                                ("max_attempts", "CMOE_S3_MAX_ATTEMPTS", int)):
+            if (text := os.environ.get(var)) is None:
+                continue
+            try:
+                value = kind(text)
+            except ValueError:
+                value = None
+            if value is None or not 0 < value < math.inf:
+                raise StorageError(f"{var}={text!r}: not a positive {'whole ' if kind is int else ''}number")
+            values[name] = value
+        return cls(**values)
+
+    def botocore_config(self) -> Config:
+        """The client config that applies these limits."""
+        return Config(connect_timeout=self.connect_timeout_s, read_timeout=self.read_timeout_s,
+                      retries={"total_max_attempts": self.max_attempts, "mode": "standard"})
+
+    def worst_case_s(self) -> float:
+        """The longest one request can take before it fails: every try times out to connect and to
+        read, plus botocore's back-off between tries (at most 2**i s before retry i, capped at 20 s)."""
+        backoff = sum(min(2 ** i, 20) for i in range(self.max_attempts - 1))
+        return self.max_attempts * (self.connect_timeout_s + self.read_timeout_s) + backoff
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint cmoe's clients use, as configured (None = AWS's own)."""
+    return (os.environ.get("CMOE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def s3_client(limits: S3Limits | None = None):  # noqa: ANN201 - boto3 clients are generated classes, no stable type
+    """A boto3 S3 client under `limits` (default: the environment's); `CMOE_S3_ENDPOINT_URL` overrides
+    the endpoint (e.g. a local moto server)."""
     # endpoint_url=None lets boto3 apply AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL itself.
-    return boto3.client("s3", endpoint_url=os.environ.get("CMOE_S3_ENDPOINT_URL") or None)
+    return boto3.client("s3", endpoint_url=os.environ.get("CMOE_S3_ENDPOINT_URL") or None,
+                        config=(limits or S3Limits.from_env()).botocore_config())
 
 
 def default_cache_dir() -> Path:
@@ -84,11 +144,17 @@ def default_cache_dir() -> Path:
 
 @contextmanager
 def s3_errors(uri: str) -> Iterator[None]:
-    """Turn botocore's many error types into StorageError naming `uri` (their messages hold no secrets)."""
+    """Turn botocore's many error types into StorageError naming `uri` (and, when no answer came, the
+    endpoint and the tries made), any URI's password redacted."""
     try:
         yield
+    except (BotoConnectionError, HTTPClientError) as err:  # refused, timed out, connection dropped
+        n = S3Limits.from_env().max_attempts
+        tries = f"{n} tries" if n > 1 else "1 try"
+        raise StorageError(redact_uri(f"{uri}: no answer from the S3 endpoint {s3_endpoint() or '(AWS)'} after "
+                                      f"{tries} (CMOE_S3_MAX_ATTEMPTS): {err}")) from err
     except (BotoCoreError, ClientError) as err:
-        raise StorageError(f"{uri}: {err}") from err
+        raise StorageError(redact_uri(f"{uri}: {err}")) from err
 
 
 def _incomplete(uri: str) -> BundleError:

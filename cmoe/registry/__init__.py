@@ -37,6 +37,7 @@ from cmoe.redact import redact_uri
 from cmoe.registry.model_card import with_decision
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
 from cmoe.registry.shipped_code import PACKAGE, pip_requirements
+from cmoe.registry.timeouts import limit_requests, no_answer
 from cmoe.registry.trusted_code import MODEL_CODE, model_code_problem
 
 Decision = Literal["approved", "rejected", "pending_review"]
@@ -185,6 +186,9 @@ class Registry:
         self._system_metrics_s = cfg.registry.system_metrics_s
         self._ui_url = (cfg.registry.ui_url or (self.tracking_uri if self.tracking_uri.startswith(("http://", "https://"))
                                                 else "http://127.0.0.1:5000")).rstrip("/")
+        # a server that is down fails each request in bounded time, not after MLflow's minutes of retries
+        self._limits = cfg.registry.request_timeout_s, cfg.registry.request_retries
+        limit_requests(*self._limits)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def _point_mlflow_here(self) -> None:
@@ -196,7 +200,10 @@ class Registry:
     @cached_property
     def experiment_id(self) -> str:
         """The experiment's id, created on first use with the configured artifact location."""
-        found = self.client.get_experiment_by_name(self._experiment)
+        try:
+            found = self.client.get_experiment_by_name(self._experiment)  # None when there is none yet
+        except MlflowException as err:
+            raise self._unreadable(f"experiment {self._experiment!r}", err) from None
         if found is not None:
             if _EXPERIMENT_KIND[0] not in found.tags:  # made before cmoe set it; a kind someone chose stays
                 self.client.set_experiment_tag(found.experiment_id, *_EXPERIMENT_KIND)
@@ -407,8 +414,10 @@ class Registry:
         """Tags of one version, parsed; RegistryError when it does not exist."""
         try:
             mv = self.client.get_model_version(self.model_name, str(version))
-        except MlflowException:
-            raise RegistryError(f"model {self.model_name!r} has no version {version}") from None
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise RegistryError(f"model {self.model_name!r} has no version {version}") from None
+            raise self._unreadable(f"version {version}", err) from None
         return self._info(mv)
 
     def versions(self) -> list[VersionInfo]:
@@ -420,7 +429,7 @@ class Registry:
         try:
             found = self.client.search_model_versions(f"name = '{self.model_name}'")
         except MlflowException as err:
-            raise self._unreadable("its versions", err) from None
+            raise self._unreadable("versions", err) from None
         return sorted((self._info(mv) for mv in found), key=lambda v: v.version)
 
     def aliases(self) -> dict[str, int]:
@@ -431,12 +440,14 @@ class Registry:
         except MlflowException as err:
             if err.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return {}
-            raise self._unreadable("its aliases", err) from None
+            raise self._unreadable("aliases", err) from None
         return {alias: int(v) for alias, v in (model.aliases or {}).items()}
 
     def _unreadable(self, what: str, err: MlflowException) -> RegistryError:
-        return RegistryError(f"cannot read model {self.model_name!r}'s {what} from {redact_uri(self.tracking_uri)}: "
-                             f"{redact_uri(err.message.splitlines()[0][:300])}")
+        message = str(err.message)
+        why = no_answer(message, *self._limits) or redact_uri((message.splitlines() or [""])[0][:300])
+        where = redact_uri(self.tracking_uri)
+        return RegistryError(f"cannot read model {self.model_name!r} ({what}) from {where}: {why}")
 
     @staticmethod
     def _info(mv: Any) -> VersionInfo:

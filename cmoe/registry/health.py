@@ -19,12 +19,12 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from cmoe.config import CmoeConfig
 from cmoe.registry import RegistryError, tracking_uri
+from cmoe.registry.timeouts import limit_requests
 
 
 def _limit_requests(timeout: float) -> None:
-    # MLflow retries failed requests with exponential back-off for minutes by default.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
+    # A check reports a dead service in `timeout` seconds: one try, no back-off.
+    limit_requests(max(1, int(timeout)), 0)
 
 
 def _auth() -> tuple[tuple[str, str] | None, dict[str, str], str]:

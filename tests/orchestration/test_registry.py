@@ -251,14 +251,13 @@ def test_an_expansion_plan_is_decided_once(fresh: Registry) -> None:
     assert fresh.plan_decision(run) == Verdict("approved", "ann", "small") and fresh.pending_plans() == []
 
 
-def test_an_unreachable_registry_is_an_error_never_no_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_registry_is_an_error_never_no_champion(tmp_path: Path) -> None:
     """A champion that cannot be read must not read as "none yet": the next run would train from the base."""
     from cmoe.net import free_port
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after minutes of backoff
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     down = f"http://reviewer:SENTINEL_PW_7@127.0.0.1:{free_port()}"  # nothing listens there
-    reg = Registry(CmoeConfig(home=tmp_path, registry={"tracking_uri": down}))
+    # no retries: fail at once, not after the default's back-off (tests/test_unreachable.py tests that)
+    reg = Registry(CmoeConfig(home=tmp_path, registry={"tracking_uri": down, "request_retries": 0}))
     for read in (reg.aliases, reg.versions, reg.champion, reg.pending_reviews):
         with pytest.raises(RegistryError, match="cannot read model 'cmoe'") as err:
             read()
