@@ -115,6 +115,17 @@ def users(model: nn.Module, layer: int, e: int) -> list[str]:
     return [info.tasks[u] for u in cmoe_layers(model)[layer].covered_by(e)]
 
 
+def nearest_candidates(model: nn.Module, measured: Measured) -> dict[int, dict[str, float | None]]:
+    """Per layer, the least-used task expert's use (by the routers that cover it) and the most similar
+    pair's output cosine: how far each layer is from `min_use` / `merge_similarity` (None: no such expert)."""
+    out = {}
+    for i, layer in cmoe_layers(model).items():
+        uses = [max((measured.usage[i][t][e] for t in users(model, i, e)), default=0.0)
+                for e, origin in enumerate(layer.expert_origin) if origin != BASE]
+        out[i] = {"least_use": min(uses, default=None), "most_similar": max(measured.similarity[i].values(), default=None)}
+    return out
+
+
 def plan_steps(model: nn.Module, measured: Measured, min_use: float, merge_similarity: float,
                layers: set[int] | None = None) -> list[Step]:
     """Retirement candidates (least used first), then merge candidates (most similar first)."""

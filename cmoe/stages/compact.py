@@ -20,14 +20,14 @@ them the kept evaluation sets and checks every step on them:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cmoe.config import CmoeConfig
 from cmoe.model.cmoe_layer import cmoe_info, cmoe_layers
-from cmoe.model.compaction import Step, compact, measure, plan_steps, record
+from cmoe.model.compaction import Step, compact, measure, nearest_candidates, plan_steps, record
 from cmoe.model.params import count_params
 from cmoe.model.state import read_manifest, save_state
 from cmoe.stages.common import StageError, TaskData, encode_rows, kept_eval_sets, open_lineage
@@ -50,6 +50,9 @@ class CompactResult:
     params_after: int
     params_added: int  # params_after - params_before: negative, what the gate's budget reads
     wall_s: float
+    # per CMoE layer, before any step: the least-used task expert's use and the most similar pair's
+    # cosine, against compact.min_use / merge_similarity (why a layer had nothing to compact)
+    nearest: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
 def run_compact(cfg: CmoeConfig, state_dir: Path, out_dir: Path) -> CompactResult:
@@ -120,6 +123,7 @@ def _compacted(cfg: CmoeConfig, model: torch.nn.Module, processor, layers: set[i
         answer_task(model, processor, data[task], cfg, "single" if info.single_router else "oracle", task)
 
     measured = measure(model, run)
+    nearest = {str(i): v for i, v in nearest_candidates(model, measured).items()}
     steps = plan_steps(model, measured, cfg.compact.min_use, cfg.compact.merge_similarity, layers)
     done = None if layers is None else (lambda: all(room(cfg, model)[i] for i in layers))
     compact(model, measured, steps, accept, done)
@@ -131,7 +135,7 @@ def _compacted(cfg: CmoeConfig, model: torch.nn.Module, processor, layers: set[i
         str(state), {str(i): n for i, n in before.items()},
         {str(i): len(layer.experts) for i, layer in cmoe_layers(model).items()}, [s.record() for s in steps],
         sum(s.kind == "retire" for s in kept), sum(s.kind == "merge" for s in kept), acc_before, latest,
-        params_before, params_after, params_after - params_before, time.perf_counter() - t0)
+        params_before, params_after, params_after - params_before, time.perf_counter() - t0, nearest)
 
 
 def accuracy(cfg: CmoeConfig, model: torch.nn.Module, processor, data: dict[str, TaskData]) -> dict[str, float]:

@@ -117,3 +117,29 @@ def test_cmoe_lineage_lists_the_experts_each_task_added_and_a_compaction_retired
     # layer 0, layer 1, added, merged, retired
     assert rows[first] == ["4 (+2)", "2", "2", "0", "0"] and rows[second] == ["4", "3 (+1)", "1", "0", "0"]
     assert rows[f"compact after {second}"] == ["2 (2 retired)", "2 (1 retired)", "0", "0", "3"]
+
+
+def test_cli_compact_of_a_state_prints_each_tasks_accuracy_and_writes_every_step(lineage: Lineage,
+                                                                                 tmp_path: Path) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from cmoe.cli import app
+
+    cfg = lineage.cfg.model_copy(update={"compact": lineage.cfg.compact.model_copy(
+        update={"min_use": 1.0, "merge_similarity": 1.0, "max_drop": 100.0})})
+    config = tmp_path / "cmoe.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compact", "--state", str(lineage.state(1)), "--out", str(out),
+                                      "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "compact.json").read_text())
+    assert written["retired"] == 3 and len(written["steps"]) == 3
+    for task in lineage.names:
+        assert f"{task}: {written['acc_before'][task]:.1f} -> {written['acc_after'][task]:.1f} %" in result.stdout
+    # task 1 added two experts to layer 0 and task 2 one to layer 1: a pair only in layer 0
+    assert written["nearest"]["0"]["most_similar"] is not None and written["nearest"]["1"]["most_similar"] is None
+    assert f"layer 0: least-used task expert {written['nearest']['0']['least_use']:.3f}" in result.stdout
