@@ -4,7 +4,9 @@ The inbox is a local folder or an `s3://bucket/prefix/`; a bundle counts as comp
 `task.yaml` exists (writers put it last) and as processed once MLflow records its sha256 (a
 registered version, whatever the decision, or a rejected plan). Bundles are handled strictly one
 at a time, oldest first: each task builds on the champion the previous one left, so the lineage is
-sequential (the deployments in `prefect.yaml` also cap each flow at one concurrent run).
+sequential (the deployments in `prefect.yaml` also cap each flow at one concurrent run). A bundle
+is known by its content, not its name: copies of one bundle under other names are one arrival,
+run (or announced) once, as the oldest of them; a copy of a processed bundle is not new.
 
 A bundle that is refused (it cannot be hashed, e.g. it holds a symlink, or it fails validation) is
 recorded in `<home>/watch/refused.json` with the reason, under its fingerprint (what it holds now):
@@ -115,16 +117,26 @@ def new_bundles(inbox: str, cache_dir: Path, processed: set[str],
     return new, bad, skipped
 
 
+def by_content(new: dict[BundleRef, str]) -> dict[str, list[BundleRef]]:
+    """{content hash: its bundles, oldest first}, oldest content first: copies of one bundle under
+    other names are one arrival (learned once, as the oldest of them)."""
+    groups: dict[str, list[BundleRef]] = {}
+    for ref, sha in new.items():
+        groups.setdefault(sha, []).append(ref)
+    return groups
+
+
 @task(name="announce-new-bundles", cache_policy=NO_CACHE)
 def announce_new(new: dict[BundleRef, str]) -> list[str]:
-    """Send `cmoe.bundle.ready` for each new bundle no live run of the deployment has; the names announced."""
+    """Send `cmoe.bundle.ready` once per new content that no live run of the deployment has (under any of
+    its names); the names announced."""
     logger, in_flight, announced = get_run_logger(), bundles_in_flight(), []
-    for ref, sha in new.items():
-        if bundle_uri(ref.uri) in in_flight:
-            logger.info("%s: a run of the continual-task deployment already has it", ref.name)
+    for sha, refs in by_content(new).items():
+        if live := [r.name for r in refs if bundle_uri(r.uri) in in_flight]:
+            logger.info("%s: a run of the continual-task deployment already has it", live[0])
             continue
-        announce(ref.uri, sha, ref.name, "watch-inbox")
-        announced.append(ref.name)
+        announce(refs[0].uri, sha, refs[0].name, "watch-inbox")
+        announced.append(refs[0].name)
     return announced
 
 
@@ -149,7 +161,9 @@ def watch_inbox(config_path: str | None = None, inbox: str | None = None, dispat
         logger.info("announced %s", ", ".join(announce_new(refs)) or "none")
         return []
     outcomes, failed = [], []
-    for ref in refs:
+    for ref, *copies in by_content(refs).values():
+        if copies:
+            logger.info("%s: the same content as %s, learned once", ", ".join(c.name for c in copies), ref.name)
         state = continual_task(ref.uri, config_path, return_state=True)
         if state.is_completed():
             outcome = state.result()

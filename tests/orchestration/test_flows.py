@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextvars
 import json
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -60,6 +62,31 @@ def test_watcher_runs_each_new_s3_bundle_once(watched: tuple[str, list[Any], lis
         (names[0], "approved", "gate"), (names[1], "approved", "gate")]
     assert registry.champion().version == 2 and [v.version for v in registry.lineage(2)] == [1, 2]
     assert set(registry.version(2).acc) == set(names) and "bwt" in registry.version(2).metrics
+
+
+def test_a_copy_under_another_name_is_known_by_its_content_and_not_learned_again(
+        watched: tuple[str, list[Any], list[Any]], suite: list[Path], tmp_path: Path) -> None:
+    """Both learned bundles delivered again, copied under new names into another inbox: no run starts."""
+    from flows.watch import watch_inbox
+
+    config = watched[0]
+    inbox = tmp_path / "inbox"
+    for bundle in suite:
+        shutil.copytree(bundle, inbox / f"again-{bundle.name}")
+    runs, versions = len(flow_runs("continual-task")), Registry(load_config(config)).versions()
+    assert watch_inbox(config, str(inbox)) == []
+    assert len(flow_runs("continual-task")) == runs and Registry(load_config(config)).versions() == versions
+
+
+def test_copies_arriving_together_are_one_arrival_run_as_the_oldest() -> None:
+    from cmoe.data.storage import BundleRef
+    from flows.watch import by_content
+
+    def ref(name: str, minute: int) -> BundleRef:
+        return BundleRef(f"/inbox/{name}", name, datetime(2026, 1, 1, 0, minute, tzinfo=UTC))
+
+    new = {ref("color", 0): "sha-a", ref("shape", 1): "sha-b", ref("color-copy", 2): "sha-a"}  # oldest first
+    assert by_content(new) == {"sha-a": [ref("color", 0), ref("color-copy", 2)], "sha-b": [ref("shape", 1)]}
 
 
 def test_predict_answers_with_the_champion(watched: tuple[str, list[Any], list[Any]], suite: list[Path],
