@@ -215,6 +215,8 @@ def parse_task_yaml(text: str) -> tuple[TaskSpec | None, list[Problem]]:
         node, data = _load_task_yaml(text)
     except RecursionError:
         return None, [Problem(TASK_FILE, "invalid YAML (nested too deeply)")]
+    except ValueError as err:  # a value PyYAML matched but Python refuses: a 5 000-digit int, the date 2024-13-45
+        return None, [Problem(TASK_FILE, f"invalid YAML value ({_clip(str(err))})")]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         reason = getattr(err, "problem", None) or err
