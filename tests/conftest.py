@@ -49,3 +49,11 @@ def silent_port() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         s.listen(8)
         yield s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules that train lineages or start services (`slow`, `services`) first: under two workers
+    (`make test`) the long ones then run beside the short ones instead of after them."""
+    heavy = {item.nodeid.split("::")[0] for item in items
+             if item.get_closest_marker("slow") or item.get_closest_marker("services")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable: a module stays in order

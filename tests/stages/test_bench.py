@@ -14,6 +14,8 @@ from cmoe.stages.bench import METHODS, run_bench
 
 from .conftest import LEARNING, stage_config
 
+pytestmark = pytest.mark.slow  # module fixtures train lineages
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
 # On the session's base (4 pretraining steps) every method scores 0 % on both tasks, so no

@@ -19,6 +19,8 @@ from cmoe.stages.probe import run_probe
 
 from .conftest import LEARNING, stage_config
 
+pytestmark = pytest.mark.slow  # module fixtures train lineages
+
 WHEN = {"min_gain": ProbeConfig().min_gain, "max_layer_share": 1.0, "router_steps": 20, "steps": 20}
 
 
