@@ -151,8 +151,9 @@ COLUMN_TYPES = [pa.string(), pa.large_string(), pa.int64(), pa.float64(), pa.bin
 
 def column_values(dtype: pa.DataType, n: int, images: st.SearchStrategy[bytes]) -> st.SearchStrategy[list]:
     """n values of `dtype` (None included) for one generated column."""
-    one = {pa.string(): st.text(max_size=20), pa.large_string(): st.text(max_size=20), pa.int64(): st.integers(-2**63, 2**63 - 1),
-           pa.float64(): st.floats(), pa.binary(): images, pa.bool_(): st.booleans(),
+    one = {pa.string(): st.text(max_size=20), pa.large_string(): st.text(max_size=20),
+           pa.int64(): st.integers(-2**63, 2**63 - 1), pa.float64(): st.floats(), pa.binary(): images,
+           pa.bool_(): st.booleans(),
            pa.list_(pa.string()): st.lists(st.text(max_size=8), max_size=3),
            pa.list_(pa.int64()): st.lists(st.integers(0, 9), max_size=3),
            IMAGE_STRUCT: st.fixed_dictionaries({"bytes": st.none() | images, "path": st.none() | st.text(max_size=8)}),
