@@ -30,9 +30,10 @@ import torch  # noqa: E402
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config  # noqa: E402
 
 from benchmarks.moe_layer import build, time_fwd_bwd  # noqa: E402
-from cmoe.config import CmoeConfig, ProbeConfig, load_config, tiny_test_config  # noqa: E402
+from cmoe.config import CmoeConfig, load_config, tiny_test_config  # noqa: E402
 from cmoe.model.base import tiny_llava_config  # noqa: E402
 from cmoe.model.cmoe_layer import add_task, attach_probes, drop_probes, trainable_parameters  # noqa: E402
+from cmoe.model.gradient_checkpointing import enable_gradient_checkpointing  # noqa: E402
 from cmoe.model.processor import IGNORE  # noqa: E402
 from cmoe.model.routing import route  # noqa: E402
 from cmoe.model.sizing import (  # noqa: E402
@@ -68,10 +69,8 @@ def shapes(device: str) -> dict[str, tuple[LlavaConfig, CmoeConfig]]:
     if device == "cpu":
         tiny = tiny_test_config(".")
         return {"tiny": (tiny_llava_config(tiny.base), tiny)}
-    cfg = load_config(EXAMPLE / "cmoe.yaml")  # the 7 B example's MoE layout and batches, for both shapes
-    half = cfg.model_copy(deep=True)
-    half.probe.batch_size = ProbeConfig().batch_size  # the 7 B example's batch of 1 is its GPU's limit, not 0.5 B's
-    return {"0.5b": (qwen2_half_b(), half), "7b": (read_base_config(EXAMPLE), cfg)}
+    cfg = load_config(EXAMPLE / "cmoe.yaml")  # the 7 B example's MoE layout, switches and batches, for both shapes
+    return {"0.5b": (qwen2_half_b(), cfg), "7b": (read_base_config(EXAMPLE), cfg)}
 
 
 def synthetic_rows(config: LlavaConfig, n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -121,9 +120,11 @@ def run_shape(name: str, config: LlavaConfig, cfg: CmoeConfig, device: str, step
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):  # random init where the model runs: a 7 B init on the CPU takes minutes
-        model = LlavaForConditionalGeneration(config)
+        model = LlavaForConditionalGeneration(config).to(getattr(torch, cfg.base.dtype))  # as the stages load it
     convert_to_cmoe(model, cfg.moe)
     model.requires_grad_(False)
+    if cfg.expand.gradient_checkpointing:  # as the stages' open_lineage does
+        enable_gradient_checkpointing(model)
     add_task(model, "check")
     print(f"[{name}] built at random on {device} in {time.perf_counter() - t0:.0f} s: "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f} M params, MoE {cfg.moe.layers}, "
@@ -170,7 +171,7 @@ def _report(name: str, stage: str, result: TrainResult, plan: StagePlan, seq: in
 @torch.no_grad()
 def _evaluate(name: str, model: torch.nn.Module, cfg: CmoeConfig, config: LlavaConfig, plan: StagePlan,
               cuda: bool) -> None:
-    """Batched greedy decoding of `eval.max_new_tokens` tokens (fp32, as the stages decode), timed after a warm-up."""
+    """Batched greedy decoding of `eval.max_new_tokens` tokens (no autocast, as the stages decode), timed after a warm-up."""
     batch = collate(synthetic_rows(config, cfg.eval.batch_size, seed=1))
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")}

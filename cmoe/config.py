@@ -16,6 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+BaseDtype = Literal["float32", "bfloat16"]  # what base.dtype may say
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]  # transformers' names (base.attn_implementation)
+
+
 class _Section(BaseModel):
     # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -25,6 +29,15 @@ class BaseModelConfig(_Section):
     """The frozen vision-language base. `path=None` builds and pretrains the tiny default locally."""
 
     path: str | None = None  # local HF LLaVA checkpoint dir; None = the tiny base under home/base
+    # How every stage loads the frozen base's weights. bfloat16 halves their memory (a 7 B base: 13 GiB
+    # instead of 26, and under the GPU configs' autocast no bf16 copy of them either); the experts and
+    # routers a task trains stay fp32 whatever this says (AdamW's master weights). fp32 on CPU (bf16
+    # matmuls there are slow), and whenever answers must match a run made in fp32.
+    dtype: BaseDtype = "float32"
+    # The attention kernel of the base's text and vision models (transformers' attn_implementation):
+    # "sdpa" (PyTorch's fused attention, no s x s matrix kept), "eager" (the reference matmuls) or
+    # "flash_attention_2" (needs the flash-attn package, a CUDA GPU and base.dtype bfloat16).
+    attn_implementation: AttnImplementation = "sdpa"
     seed: int = 0  # seeds base init, tokenizer training order and pretraining batches
     image_size: int = Field(64, gt=0)  # px; 64 is the smallest at which shapes are reliably learned (measured)
     patch_size: int = Field(16, gt=0)  # px; 16 gives 16 patches (+1 CLS) image tokens: 4x cheaper than 8 px
@@ -48,6 +61,13 @@ class BaseModelConfig(_Section):
     # a base router (the rest frozen), so the experts differ; 0 = a dense base (experts stay copies).
     moe_epochs: int = Field(2, ge=0)
     moe_lr: float = Field(1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _flash_in_bf16(self) -> BaseModelConfig:
+        if self.attn_implementation == "flash_attention_2" and self.dtype == "float32":
+            # flash-attn has no fp32 kernel, and evaluation decodes without autocast
+            raise ValueError("attn_implementation flash_attention_2 computes in bf16 only: set dtype: bfloat16")
+        return self
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> BaseModelConfig:
@@ -160,6 +180,12 @@ class ExpandConfig(_Section):
     # A JSON path, a file name in infra/deepspeed/, or "zeroN": the CPU fp32 or GPU bf16 variant by device.
     deepspeed_config: str = "zero0"
     checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints
+    # Gradient checkpointing of the text decoder in the probe's and the expansion's training: each
+    # layer keeps only its input for the backward and recomputes the rest, so activation memory
+    # falls from all layers' to about one layer's (`cmoe plan-resources` shows both) for ~1/3 more
+    # compute. The same loss and gradients either way; turn it on when the activations of the
+    # micro-batch do not fit (real-size bases), leave it off when they do.
+    gradient_checkpointing: bool = False
     # Steps between the points of the training curve (loss, lr, samples/s) the probe and the
     # expansion log to their MLflow runs (and the progress artifact moves): one MLflow call each.
     log_every: int = Field(10, ge=1)

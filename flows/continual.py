@@ -107,11 +107,14 @@ class TaskOutcome:
 
 # ---------------------------------------------------------------------------- resumable stages
 # Config fields that change no stage's result: where things are kept, what happens to the inbox
-# copy, how often training checkpoints, how the processes are placed. Every other value of the
+# copy, how often training checkpoints, how the processes are placed, whether activations are
+# recomputed (gradient checkpointing: the same losses and gradients). Every other value of the
 # sections below does (the base, where and how experts grow, the locator, decoding, what is kept,
-# what compaction may remove).
+# what compaction may remove), base.dtype and base.attn_implementation too: bf16 weights change
+# every number, and sdpa, eager and flash attention round differently (within 1e-5 on the tiny
+# base), so a stage finished under one is not reused under another.
 _NOT_RESULTS = {"data": {"eval_store", "keep_train_cache", "after_decision"},
-                "expand": {"checkpoint_every", "log_every", "nproc_per_node", "hostfile"}}
+                "expand": {"checkpoint_every", "log_every", "nproc_per_node", "hostfile", "gradient_checkpointing"}}
 _RESULT_SECTIONS = ("base", "moe", "probe", "expand", "locator", "eval", "data", "compact")
 
 

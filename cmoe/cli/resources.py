@@ -65,7 +65,9 @@ def _print_plan(plan: ResourcePlan, moe, setup: TrainingSetup, gpus: int | None)
     console.print(f"sequence: {plan.image_tokens} image tokens + {plan.text_tokens} text = "
                   f"{plan.image_tokens + plan.text_tokens} tokens per sample")
     console.print(f"training: {setup.source}: ZeRO-{setup.zero_stage}, {setup.precision.name}, "
-                  f"gradient accumulation {setup.grad_accum}; evaluation: fp32, one process")
+                  f"gradient accumulation {setup.grad_accum}, gradient checkpointing "
+                  f"{'on' if plan.gradient_checkpointing else 'off'}; evaluation: {plan.base_dtype}, one process")
+    console.print(f"base weights: {plan.base_dtype} (base.dtype); the experts and routers a task trains: float32")
     table = Table("stage", "batch", "seq", "params", "trainable", "weights GiB", "grads GiB", "optimizer GiB",
                   "activations GiB/sample", title="memory per stage, unpartitioned (one GPU, no ZeRO split)")
     fits = Table("stage", *(f"on {g} GPUs" for g in GPUS), *([f"on {gpus} ranks"] if gpus else []),
@@ -98,7 +100,7 @@ def _setup(stage: StagePlan, capacity: int) -> str:
         replicated = stage.weights_bytes + stage.weight_copies_bytes  # ZeRO <= 2 splits no weight
         if replicated > HEADROOM * capacity:
             return f"no: weights alone {replicated / 2**30:.1f} GiB"
-        return f"no: not on {WORLD_SIZES[-1]} GPUs" if stage.setup else "no: not on one GPU (one process)"
+        return f"no: not on {WORLD_SIZES[-1]} GPUs" if stage.distributed else "no: not on one GPU (one process)"
     world, accum = fit
     need = sum(stage.per_gpu(world, accum).values()) / 2**30
     micro = stage.batch_size // (world * accum)

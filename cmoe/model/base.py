@@ -11,6 +11,7 @@ not a local checkpoint of a supported family fails at once with a clear message.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from cmoe.config import BaseModelConfig
+from cmoe.config import AttnImplementation, BaseDtype, BaseModelConfig
 from cmoe.model.families import FAMILIES, attribute, family, family_of
 from cmoe.model.processor import VLProcessor, read_chat_template
 from cmoe.model.surgery import not_gated
@@ -109,22 +110,40 @@ def check_local_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A local checkpoint's model (by its family's class, safetensors only) in eval mode; BaseModelError
-    when its text decoder has no gated MLP for CMoE to upcycle."""
+def check_attention(attn_implementation: AttnImplementation) -> None:
+    """BaseModelError unless this machine can run `attn_implementation`: flash_attention_2 needs the
+    flash-attn package (looked up, not imported: it loads CUDA) and a CUDA device."""
+    if attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise BaseModelError("base.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+                             "not installed here (pip install flash-attn on the GPU machine, or use sdpa)")
+    if not torch.cuda.is_available():
+        raise BaseModelError("base.attn_implementation: flash_attention_2 needs a CUDA GPU and this machine has "
+                             "none (use sdpa)")
+
+
+def load_model(path: str | Path, dtype: BaseDtype = "float32",
+               attn_implementation: AttnImplementation = "sdpa") -> PreTrainedModel:
+    """A local checkpoint's model (by its family's class, safetensors only) in eval mode, its weights in
+    `dtype` whatever the checkpoint stores (base.dtype) and its attention `attn_implementation`;
+    BaseModelError when this machine cannot run that attention or the text decoder has no gated MLP
+    for CMoE to upcycle."""
     p = check_local_checkpoint(path)
+    check_attention(attn_implementation)
     fam = family(json.loads((p / "config.json").read_text())["model_type"])
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    model = fam.model_class.from_pretrained(p, local_files_only=True, use_safetensors=True, **kwargs)
+    model = fam.model_class.from_pretrained(p, local_files_only=True, use_safetensors=True,
+                                            dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
     problem = not_gated(model)
     if problem:
         raise BaseModelError(f"{p}: this {fam.name} checkpoint's text decoder cannot be upcycled: {problem}")
     return model.eval()
 
 
-def load_base(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, VLProcessor]:
+def load_base(path: str | Path, dtype: BaseDtype = "float32",
+              attn_implementation: AttnImplementation = "sdpa") -> tuple[PreTrainedModel, VLProcessor]:
     """Load a local checkpoint of a supported family and its processor, frozen and in eval mode."""
-    model = load_model(path, dtype)
+    model = load_model(path, dtype, attn_implementation)
     model.requires_grad_(False)
     return model, VLProcessor.from_pretrained(Path(path), model.config)
 

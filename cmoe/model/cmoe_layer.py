@@ -77,12 +77,17 @@ class RoutingState(threading.local):
     and how to sum its statistics over data-parallel ranks. Each thread has its own values (a
     `threading.local`): a serving process answers concurrent requests with one loaded model in a
     thread pool, and each request's forwards must see its own routing, not the last one set.
+    Gradient checkpointing (`cmoe.model.gradient_checkpointing`) recomputes a layer's forward in
+    the backward, on whichever thread autograd runs it, with the values the forward saw and
+    `replaying` set.
     """
 
     def __init__(self) -> None:
         self.task_ids: torch.Tensor | None = None
         self.token_mask: torch.Tensor | None = None  # (B, S) bool: tokens the balance loss counts
         self.reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # sum over ranks
+        # A recompute for the backward: the layers' aux losses and routing counts are the forward's.
+        self.replaying = False
 
     def __deepcopy__(self, memo: dict) -> RoutingState:
         """A copied model starts unrouted: routing belongs to a call, not to the weights (and a
@@ -174,11 +179,22 @@ def dispatch(x: torch.Tensor, idx: torch.Tensor, gates: torch.Tensor, n_experts:
 
 
 def run_each(experts: list[nn.Module]) -> GroupedExperts:
-    """`dispatch`'s expert step as a loop over expert modules (never over tokens); empty groups skipped."""
+    """`dispatch`'s expert step as a loop over expert modules (never over tokens); empty groups skipped.
+
+    An expert whose weights are not in the tokens' dtype (a trained fp32 expert beside a bf16
+    base's: base.dtype) gets its tokens in its own dtype and gives its outputs back in theirs.
+    """
 
     def run(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        chunks = rows.split(counts.tolist())
-        return torch.cat([e(c) if c.shape[0] else c for e, c in zip(experts, chunks)])
+        outs = []
+        for expert, chunk in zip(experts, rows.split(counts.tolist())):
+            if chunk.shape[0] == 0:
+                outs.append(chunk)
+            elif (dtype := next(expert.parameters()).dtype) == chunk.dtype:
+                outs.append(expert(chunk))
+            else:
+                outs.append(expert(chunk.to(dtype)).to(chunk.dtype))
+        return torch.cat(outs)
 
     return run
 
@@ -218,9 +234,13 @@ class CMoELayer(nn.Module):
         tasks, token_task = self._token_tasks(shape[0], x.shape[0] // shape[0], x.device)
         logits = self._router_logits(x, tasks, token_task)
         gates, idx, probs = topk_route(logits, self.top_k)
-        self.aux_loss = self._aux_loss(probs, idx, tasks, token_task) if torch.is_grad_enabled() else None
-        if self.recording:
-            self._record(probs, idx)
+        # A recompute computes the aux loss too (the forward's loss reads the tensors it saves) but
+        # keeps the forward's: the loss was built from that one.
+        aux = self._aux_loss(probs, idx, tasks, token_task) if torch.is_grad_enabled() else None
+        if not self.routing.replaying:
+            self.aux_loss = aux
+            if self.recording:
+                self._record(probs, idx)
         experts = self._active_experts()
         return dispatch(x, idx, gates, len(experts), run_each(experts)).view(shape)
 
@@ -301,8 +321,8 @@ class CMoELayer(nn.Module):
     def _router_from(self, prev: torch.Tensor | None) -> torch.Tensor:
         """A router over all current experts: `prev`'s columns (the base router's when None) for the experts
         it knew, small random ones for the rest."""
-        ref = next(self.experts[0].parameters())
-        w = torch.randn(len(self.experts), self.hidden_size, device=ref.device, dtype=ref.dtype) * ROUTER_INIT_STD
+        device = next(self.experts[0].parameters()).device  # fp32 whatever the base's dtype: a router trains
+        w = torch.randn(len(self.experts), self.hidden_size, device=device, dtype=torch.float32) * ROUTER_INIT_STD
         prev = prev.detach() if prev is not None else self.base_router
         if prev is not None:
             w[: prev.shape[0]] = prev
@@ -477,7 +497,9 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
 
 
 def _trainable_copy(module: nn.Module) -> nn.Module:
-    m = copy.deepcopy(module)
+    """A copy that trains: in fp32 whatever the base's dtype (base.dtype), so AdamW updates fp32
+    weights, and the task is later evaluated (and saved) with exactly the weights it trained."""
+    m = copy.deepcopy(module).float()
     m.requires_grad_(True)
     return m
 
@@ -608,6 +630,13 @@ def retire_task(model: nn.Module, task: str, drop: set[tuple[int, int]]) -> str 
     if task in info.locator.vaes:
         del info.locator.vaes[task]
     return heir
+
+
+def train_all_experts(model: nn.Module) -> None:
+    """Let every expert of every CMoE layer train (the seq-ft and joint baselines), in fp32 whatever the
+    base's dtype, as every trained expert."""
+    for layer in cmoe_layers(model).values():
+        layer.experts.float().requires_grad_(True)
 
 
 def trainable_parameters(model: nn.Module, task: str | None = None) -> list[nn.Parameter]:

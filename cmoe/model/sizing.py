@@ -3,8 +3,10 @@
 The model is built on PyTorch's meta device (shapes, no storage) and grown with the very calls the
 stages make (`convert_to_cmoe`, `add_task`, `attach_probes`, `add_expert`, `count_params`), so the
 parameter counts are the stages' own, not formulas that could drift from them; what trains is what
-requires grad, as the trainer checks. Memory per GPU is bytes per parameter by precision and ZeRO stage, plus an estimate of what
-the forward keeps for the backward (`_layer_bytes`); the smallest setup is the fewest GPUs of a size
+requires grad, as the trainer checks. Weights cost their dtype's bytes (a bf16 base, `base.dtype`, halves
+the frozen ones; what trains is fp32 by construction, cmoe.model.cmoe_layer). Memory per GPU is bytes per parameter by precision and ZeRO stage, plus an estimate of what
+the forward keeps for the backward (`_layer_bytes`, or with `expand.gradient_checkpointing` the
+layers' inputs and one layer's share, `_checkpointed_bytes`); the smallest setup is the fewest GPUs of a size
 whose per-GPU total fits under `HEADROOM` of its memory. Parameters and optimizer state are exact
 (tests/model/test_sizing.py checks them against a real optimizer step); activations are an estimate,
 checked against measured peaks by `benchmarks/gpu_check.sh` when a GPU runs it.
@@ -34,7 +36,6 @@ GPUS = {"80 GB": int(79.6 * GiB), "141 GB": int(139 * GiB)}
 HEADROOM = 0.9
 WORLD_SIZES = (1, 2, 4, 8, 16, 32, 64)  # one GPU, one node of 2/4/8, up to 8 nodes of 8
 ADAM_BYTES = 8  # AdamW's two fp32 moments per trainable parameter
-EVAL_WEIGHT_BYTES = 4  # the stages load the base in fp32 (cmoe.model.base.load_base) and decode without autocast
 
 
 class SizingError(ValueError):
@@ -134,6 +135,8 @@ class ResourcePlan:
     text_tokens: int
     per_expert: int  # parameters one added expert brings
     experts_per_task: int  # the most experts one task may add (probe.max_layer_share, double_expert_ratio)
+    base_dtype: str = "float32"  # how the stages load the frozen base (base.dtype)
+    gradient_checkpointing: bool = False  # the probe's and the expansion's (expand.gradient_checkpointing)
     stages: list[StagePlan] = field(default_factory=list)
 
 
@@ -183,7 +186,7 @@ def plan_resources(
     tc = config.text_config
     n_img = image_tokens(config)
     seq = n_img + text_tokens
-    model = _meta_model(config)
+    model = _meta_model(config, getattr(torch, cfg.base.dtype))  # as open_lineage loads it
     shape = {"text": tc.model_type, "text_hidden": tc.hidden_size, "text_layers": tc.num_hidden_layers,
              "text_intermediate": tc.intermediate_size, "text_heads": tc.num_attention_heads,
              "kv_heads": _kv_heads(tc), "vocab": tc.vocab_size, "vision_hidden": config.vision_config.hidden_size,
@@ -202,13 +205,15 @@ def plan_resources(
         model.requires_grad_(False)
     add_task(model, "next")
     attach_probes(model, source=0)  # the probe phase trains more than the router-only phase before it
-    stages.append(_train_stage("probe", model, cfg.probe.batch_size, seq, setup, cfg.moe.top_k))
+    checkpointed = cfg.expand.gradient_checkpointing
+    stages.append(_train_stage("probe", model, cfg.probe.batch_size, seq, setup, cfg.moe.top_k,
+                               checkpointed=checkpointed))
     drop_probes(model)
     added = grow_most(model, cfg.probe)
-    stages.append(replace(_train_stage("expansion", model, cfg.expand.batch_size, seq, setup, cfg.moe.top_k),
-                          distributed=True))
+    stages.append(replace(_train_stage("expansion", model, cfg.expand.batch_size, seq, setup, cfg.moe.top_k,
+                                       checkpointed=checkpointed), distributed=True))
     stages.append(_eval_stage(model, cfg, seq))
-    return ResourcePlan(source, shape, n_img, text_tokens, per_expert, added, stages)
+    return ResourcePlan(source, shape, n_img, text_tokens, per_expert, added, cfg.base.dtype, checkpointed, stages)
 
 
 def grow_most(model: nn.Module, probe: ProbeConfig) -> int:
@@ -242,7 +247,7 @@ def model_flops_per_sample(model: nn.Module, seq_len: int) -> float:
 def _base_stages(config: LlavaConfig, cfg: CmoeConfig, setup: TrainingSetup, seq: int) -> list[StagePlan]:
     """The tiny base's build: pretraining trains every parameter, the MoE stage its upcycled experts and router."""
     bc = cfg.base
-    dense = _meta_model(config)
+    dense = _meta_model(config)  # built and trained in fp32 whatever base.dtype (it says how stages load it)
     dense.requires_grad_(True)
     pretrain = _train_stage("base pretrain", dense, bc.pretrain_batch_size, seq, setup, 1, everything=True)
     moe = _meta_model(config)
@@ -254,42 +259,51 @@ def _base_stages(config: LlavaConfig, cfg: CmoeConfig, setup: TrainingSetup, seq
 
 
 def _train_stage(name: str, model: nn.Module, batch: int, seq: int, setup: TrainingSetup, top_k: int,
-                 everything: bool = False) -> StagePlan:
-    """A training stage of `model` as it stands: its requires_grad tensors train."""
+                 everything: bool = False, checkpointed: bool = False) -> StagePlan:
+    """A training stage of `model` as it stands: its requires_grad tensors train; `checkpointed`: its
+    text decoder under gradient checkpointing."""
     p = setup.precision
     trainable = sum(t.numel() for t in model.parameters() if t.requires_grad)
     master = 4 if setup.zero_stage >= 1 or p.weight_bytes < 4 else 0  # ZeRO-1/2 keep an fp32 partition
+    # the residual stream is in the base's dtype (autocast computes lower, but adds in the weights' dtype)
+    stream = min(p.weight_bytes, _base_bytes(model))
+    c = min(p.compute_bytes, stream)
     layers = decoder_layers(model)
     moe = cmoe_layers(model)
     first = 0 if everything else min(moe)  # no gradient flows below the lowest trainable layer
     tc = model.config.text_config
     d, kv, inter = tc.hidden_size, _kv_heads(tc) * _head_dim(tc), tc.intermediate_size
-    per_token = sum(_layer_bytes(d, kv, inter, top_k if i in moe else 1, i in moe, everything, p.compute_bytes)
-                    for i in range(first, len(layers)))
-    per_token += _logits_bytes(tc.vocab_size, p.compute_bytes)
+    per_layer = [_layer_bytes(d, kv, inter, top_k if i in moe else 1, i in moe, everything, c)
+                 for i in range(first, len(layers))]
+    per_token = _checkpointed_bytes(per_layer, d, stream) if checkpointed else sum(per_layer)
+    per_token += _logits_bytes(tc.vocab_size, c)
     per_sample = per_token * seq
-    backward_weights = sum(_numel(layer) for layer in list(layers)[first:]) + _numel(model.get_output_embeddings())
+    backward = [t for layer in list(layers)[first:] for t in layer.parameters()]
+    backward += list(model.get_output_embeddings().parameters())
     if everything:  # the vision tower trains too: its layers keep their activations, its weights their copies
         vc = model.config.vision_config
         n_img = image_tokens(model.config)
         per_sample += n_img * vc.num_hidden_layers * _layer_bytes(
-            vc.hidden_size, vc.hidden_size, vc.intermediate_size, 1, False, True, p.compute_bytes)
-        backward_weights = _numel(model)
-    return StagePlan(
-        name, batch, seq, _numel(model), trainable, _numel(model) * p.weight_bytes,
-        backward_weights * p.compute_bytes if p.weight_copies else 0, trainable * p.grad_bytes,
-        trainable * (ADAM_BYTES + master), per_sample, setup)
+            vc.hidden_size, vc.hidden_size, vc.intermediate_size, 1, False, True, c)
+        backward = list(model.parameters())
+    # autocast's bf16 copy, for the backward, of every fp32 weight the backward passes (a bf16 one is used as it is)
+    copies = sum(t.numel() for t in backward if t.dtype == torch.float32) * p.compute_bytes if p.weight_copies else 0
+    return StagePlan(name, batch, seq, _numel(model), trainable, _weights_bytes(model, p), copies,
+                     trainable * p.grad_bytes, trainable * (ADAM_BYTES + master), per_sample, setup)
 
 
 def _eval_stage(model: nn.Module, cfg: CmoeConfig, seq: int) -> StagePlan:
-    """Batched greedy decoding in fp32: weights, the KV cache, one layer's working set and the last logits."""
+    """Batched greedy decoding without autocast, in the base's dtype: weights (trained experts in fp32),
+    the KV cache, one layer's working set and the last logits."""
     tc = model.config.text_config
     d, kv, inter, k = tc.hidden_size, _kv_heads(tc) * _head_dim(tc), tc.intermediate_size, cfg.moe.top_k
     total_seq = seq + cfg.eval.max_new_tokens
-    kv_cache = 2 * tc.num_hidden_layers * kv * total_seq * EVAL_WEIGHT_BYTES
-    working = seq * (3 * d + 2 * kv + 3 * k * inter) * EVAL_WEIGHT_BYTES + 2 * tc.vocab_size * EVAL_WEIGHT_BYTES
-    return StagePlan("evaluation", cfg.eval.batch_size, total_seq, _numel(model), 0, _numel(model) * EVAL_WEIGHT_BYTES,
-                     0, 0, 0, kv_cache + working, None)
+    c = _base_bytes(model)
+    kv_cache = 2 * tc.num_hidden_layers * kv * total_seq * c
+    working = seq * (3 * d + 2 * kv + 3 * k * inter) * c + 2 * tc.vocab_size * c
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    return StagePlan("evaluation", cfg.eval.batch_size, total_seq, _numel(model), 0, weights, 0, 0, 0,
+                     kv_cache + working, None)
 
 
 def _layer_bytes(d: int, kv: int, inter: int, experts: int, moe: bool, trains_weights: bool, c: int) -> int:
@@ -310,16 +324,38 @@ def _layer_bytes(d: int, kv: int, inter: int, experts: int, moe: bool, trains_we
     return elements * c + fp32
 
 
+def _weights_bytes(model: nn.Module, p: Precision) -> int:
+    """Bytes of `model`'s weights as training holds them: DeepSpeed's bf16 mode casts the whole module,
+    otherwise each weight stays in the dtype it was loaded (the base) or created in (fp32 experts, routers)."""
+    if p.weight_bytes < 4:
+        return _numel(model) * p.weight_bytes
+    return sum(t.numel() * t.element_size() for t in model.parameters())
+
+
+def _checkpointed_bytes(per_layer: list[int], d: int, stream: int) -> int:
+    """Bytes per token a checkpointed decoder keeps: every layer's input (the residual stream, d values of
+    `stream` bytes) until the backward reaches it, plus, while the backward recomputes a layer, that
+    layer's activations (the largest layer's, `per_layer`: what `_layer_bytes` says each would keep):
+    sum_l d * stream + max_l layer_bytes(l)."""
+    return len(per_layer) * d * stream + max(per_layer)
+
+
 def _logits_bytes(vocab: int, c: int) -> int:
     """Per token: the logits, their fp32 upcast for the loss (when computed lower), the saved log-softmax."""
     return vocab * (c + 4 + (4 if c < 4 else 0))
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _meta_model(config: LlavaConfig) -> LlavaForConditionalGeneration:
-    """The LLaVA model of `config` with shapes and no storage: a 7 B model costs no memory and no init time."""
+def _meta_model(config: LlavaConfig, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
+    """The LLaVA model of `config` in `dtype`, with shapes and no storage: a 7 B model costs no memory
+    and no init time."""
     with torch.device("meta"):
-        return LlavaForConditionalGeneration(config)
+        return LlavaForConditionalGeneration(config).to(dtype)
+
+
+def _base_bytes(model: nn.Module) -> int:
+    """Bytes per element of the base's dtype (its input embeddings': the frozen base's)."""
+    return model.get_input_embeddings().weight.element_size()
 
 
 def _numel(module: nn.Module | None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cmoe.config import CmoeConfig
 from cmoe.data.validate import ValidatedBundle, open_bundle
-from cmoe.model.cmoe_layer import add_task, cmoe_layers
+from cmoe.model.cmoe_layer import add_task, train_all_experts
 from cmoe.model.routing import route
 from cmoe.stages import metrics
 from cmoe.stages.common import keep_task_eval_set, load_train, moe_loss, open_lineage, task_eval_set
@@ -93,8 +93,7 @@ def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dic
     for bundle in bundles:
         data += load_train(cfg, bundle, model, processor).encoded
         add_task(model, bundle.name)
-    for layer in cmoe_layers(model).values():
-        layer.experts.requires_grad_(True)
+    train_all_experts(model)
     # One pass over the union costs what the sequential methods spend on all tasks together.
     spec = TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
                      seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config, desc="joint")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,9 @@ from cmoe.data.evalsets import EvalSet, EvalSetRef, eval_set_of, keep_eval_set, 
 from cmoe.data.guard import training_scope
 from cmoe.data.loading import load_split
 from cmoe.data.validate import ValidatedBundle
-from cmoe.model.base import load_base
+from cmoe.model.base import BaseModelError, load_base, load_model
 from cmoe.model.cmoe_layer import aux_loss, balance_scope, cmoe_info
+from cmoe.model.gradient_checkpointing import enable_gradient_checkpointing
 from cmoe.model.inference import default_device
 from cmoe.model.processor import Encoded, VLProcessor
 from cmoe.model.state import load_state, read_manifest
@@ -43,16 +45,24 @@ def base_dir(cfg: CmoeConfig) -> Path:
 
 def open_lineage(cfg: CmoeConfig, parent_state: Path | None, *, single_router: bool = False) -> tuple[nn.Module, VLProcessor]:
     """The CMoE model to build on (the parent state, or the base freshly upcycled) on the GPU when
-    there is one, else the CPU; plus its processor."""
-    if parent_state is not None:
-        model = load_state(parent_state)
-        manifest = read_manifest(Path(parent_state))
-        b = Path(parent_state) / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
-        processor = VLProcessor.from_pretrained(b, model.config)  # its files travel with the base
-        return model.eval().to(default_device()), processor
-    b = base_dir(cfg)
-    model, processor = load_base(b)
-    convert_to_cmoe(model, cfg.moe, single_router=single_router, base_path=str(b.resolve()))
+    there is one, else the CPU, its base loaded as `base.dtype` and `base.attn_implementation` say
+    and its decoder checkpointed under `expand.gradient_checkpointing`; plus its processor."""
+    loader = partial(load_model, dtype=cfg.base.dtype, attn_implementation=cfg.base.attn_implementation)
+    try:
+        if parent_state is not None:
+            model = load_state(parent_state, base_loader=loader)
+            manifest = read_manifest(Path(parent_state))
+            b = Path(parent_state) / "base" if manifest["base"]["copied"] else Path(manifest["base"]["path"])
+            processor = VLProcessor.from_pretrained(b, model.config)  # its files travel with the base
+            model.eval()
+        else:
+            b = base_dir(cfg)
+            model, processor = load_base(b, cfg.base.dtype, cfg.base.attn_implementation)
+            convert_to_cmoe(model, cfg.moe, single_router=single_router, base_path=str(b.resolve()))
+    except BaseModelError as err:  # a base this machine cannot load as configured: one line, not a traceback
+        raise StageError(str(err)) from None
+    if cfg.expand.gradient_checkpointing:  # only forwards that train recompute: evaluation is unchanged
+        enable_gradient_checkpointing(model)
     return model.to(default_device()), processor
 
 

@@ -20,7 +20,8 @@ from cmoe.config import CmoeConfig
 from cmoe.data.evalsets import EvalSetRef
 from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
-    add_expert, add_task, cmoe_info, cmoe_layers, drop_probes, load_probe_state, promote_probe, trainable_parameters,
+    add_expert, add_task, cmoe_info, drop_probes, load_probe_state, promote_probe, train_all_experts,
+    trainable_parameters,
 )
 from cmoe.model.inference import device_of
 from cmoe.model.locator import drop_tokens, fit_task_vae, image_features, text_features
@@ -141,8 +142,7 @@ def expand_model(
     record_task(model, bundle, eval_set)
     added = grow(model, probe) if probe is not None else 0
     if variant == "seq-ft":  # the upcycled experts themselves train: their changes live only in memory
-        for layer in cmoe_layers(model).values():
-            layer.experts.requires_grad_(True)
+        train_all_experts(model)
 
     spec = expansion_spec(cfg, name, out_dir)
     with route(model, None if variant != "cmoe" else [name]):

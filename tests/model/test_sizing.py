@@ -110,3 +110,32 @@ def test_tasks_already_learned_weigh_in_frozen_and_only_widen_the_new_router() -
         assert b.params_total - a.params_total >= grown * first.per_expert, a.stage  # + their routers
         if a.trainable:  # the new router has a column (text_hidden weights) for each of those experts
             assert b.trainable - a.trainable == grown * first.shape["text_hidden"], a.stage
+
+
+def _by_stage(cfg) -> dict[str, StagePlan]:  # noqa: ANN001 - a CmoeConfig
+    return {s.stage: s for s in plan_resources(None, cfg, _cpu_setup("zero0_gpu_bf16.json")).stages}
+
+
+def test_gradient_checkpointing_plans_less_activation_memory_for_the_training_stages() -> None:
+    cfg = tiny_test_config(".")
+    plain = _by_stage(cfg)
+    cfg.expand.gradient_checkpointing = True
+    checkpointed = _by_stage(cfg)
+    for stage in ("probe", "expansion"):
+        assert checkpointed[stage].activation_bytes_per_sample < plain[stage].activation_bytes_per_sample, stage
+        assert checkpointed[stage].weights_bytes == plain[stage].weights_bytes, stage
+    assert checkpointed["evaluation"] == plain["evaluation"]  # decoding keeps no activations for a backward
+
+
+def test_a_bf16_base_plans_less_weight_memory_and_what_trains_stays_fp32() -> None:
+    cfg = tiny_test_config(".")
+    fp32 = _by_stage(cfg)
+    cfg.base.dtype = "bfloat16"
+    bf16 = _by_stage(cfg)
+    for stage, plan in bf16.items():
+        assert plan.weights_bytes + plan.weight_copies_bytes < fp32[stage].weights_bytes + fp32[stage].weight_copies_bytes
+    for stage in ("probe", "expansion"):
+        plan = bf16[stage]  # the frozen base in 2 bytes, what trains in 4 (and autocast's 2-byte copy of it)
+        assert plan.weights_bytes == 2 * (plan.params_total - plan.trainable) + 4 * plan.trainable, stage
+        assert plan.weight_copies_bytes == 2 * plan.trainable, stage
+        assert plan.optimizer_bytes == fp32[stage].optimizer_bytes, stage

@@ -23,7 +23,7 @@ def key(**overrides: dict) -> str:
     {"probe": {"tau": 0.3}}, {"probe": {"min_gain": 0.2}}, {"expand": {"epochs": 2}}, {"expand": {"seed": 1}},
     {"locator": {"temperature": 2.0}}, {"moe": {"top_k": 1}}, {"base": {"path": "/models/llava"}},
     {"eval": {"max_new_tokens": 4}}, {"data": {"eval_keep": 50}}, {"compact": {"max_drop": 3.0}},
-    {"probe": {"tau_scale": 0.5}},
+    {"probe": {"tau_scale": 0.5}}, {"base": {"dtype": "bfloat16"}}, {"base": {"attn_implementation": "eager"}},
 ], ids=lambda c: next(f"{s}.{f}" for s, v in c.items() for f in v))
 def test_a_config_value_that_changes_a_result_is_new_work(change: dict) -> None:
     assert key(**change) != key()
@@ -32,7 +32,7 @@ def test_a_config_value_that_changes_a_result_is_new_work(change: dict) -> None:
 @pytest.mark.parametrize("change", [
     {"data": {"after_decision": "move"}}, {"data": {"keep_train_cache": True}}, {"expand": {"checkpoint_every": 7}},
     {"gate": {"max_forgetting": 1.0}}, {"flow": {"review_poll_s": 3}}, {"registry": {"experiment": "other"}},
-    {"expand": {"log_every": 3}}, {"kpi": {"cost_per_device_hour": 9.0}},
+    {"expand": {"log_every": 3}}, {"kpi": {"cost_per_device_hour": 9.0}}, {"expand": {"gradient_checkpointing": True}},
 ], ids=lambda c: next(f"{s}.{f}" for s, v in c.items() for f in v))
 def test_a_value_that_changes_no_stage_result_reuses_the_work(change: dict) -> None:
     assert key(**change) == key()
