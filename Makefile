@@ -31,12 +31,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/cmoe demo
 
-# Two pytest workers, one torch thread each (tests/conftest.py); a test module stays on one worker,
-# so its module fixtures (trained lineages, the service stack's inbox) are built once, and modules
-# run in the conftest's order (the long ones first), not xdist's (the most tests first).
+# Two pytest workers, one torch thread each (tests/conftest.py); each folder of tests/ stays on one
+# worker, so its session fixtures (trained lineages, the service stack) are built once, and folders
+# start in the conftest's order (the long ones first), not xdist's (the most tests first).
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/cmoe bench --suite coin-mini --methods cmoe,naive-expand,single-router,seq-ft,joint --out runs/bench

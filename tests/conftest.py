@@ -51,9 +51,25 @@ def silent_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under `--dist loadscope` (`make test`), each folder of tests/ is one unit of work for one
+    worker: a folder's conftest builds its costly session fixtures (a trained lineage, a watched
+    inbox, the service stack) once, which a module-by-module split would build on both workers."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0].split("/")
+            return "/".join(path[:2]) if len(path) > 2 else path[0]  # tests/<folder>, or a top-level module
+
+    return FolderScheduling(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules that train lineages or start services (`slow`, `services`) first: under two workers
-    (`make test`) the long ones then run beside the short ones instead of after them."""
+    (`make test`) the folders holding the long ones then start first, beside the short ones."""
     heavy = {item.nodeid.split("::")[0] for item in items
              if item.get_closest_marker("slow") or item.get_closest_marker("services")}
     items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)  # stable: a module stays in order
