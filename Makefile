@@ -31,10 +31,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/cmoe demo
 
-# Two pytest workers, one torch thread each (tests/conftest.py); each folder of tests/ stays on one
-# worker, so its session fixtures (trained lineages, the service stack) are built once, and folders
-# start in the conftest's order (the long ones first), not xdist's (the most tests first).
-TEST_WORKERS ?= 2
+# Three pytest workers, one torch thread each (tests/conftest.py): on two cores the third overlaps the
+# waits on servers and subprocesses (604 s against 669 s with two, docs/architecture.md). Each folder
+# of tests/ stays on one worker, so its session fixtures (trained lineages, the service stack) are
+# built once, and folders start in the conftest's order (the long ones first), not xdist's.
+TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
