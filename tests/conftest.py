@@ -41,7 +41,6 @@ def tiny_base(tiny_suite: list[Path], tmp_path_factory: pytest.TempPathFactory) 
     return Path(built.path)
 
 
-
 @pytest.fixture
 def silent_port() -> Iterator[int]:
     """A local port that accepts connections (the kernel's backlog) and never answers a byte: a hung service."""
@@ -68,7 +67,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules that train lineages or start services (`slow`, `services`) first: under two workers
+    """Modules that train lineages or start services (`slow`, `services`) first: under several workers
     (`make test`) the folders holding the long ones then start first, beside the short ones."""
     heavy = {item.nodeid.split("::")[0] for item in items
              if item.get_closest_marker("slow") or item.get_closest_marker("services")}
