@@ -10,15 +10,12 @@ score, kept or not, the worst drop) and each task's accuracy before and after to
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cmoe.cli.common import ConfigOpt, console, fail, load, run_and_report, setup
-from cmoe.files import write_text_atomic
 
 
 def compact(
@@ -45,7 +42,6 @@ def compact(
         result = run_compact(cfg, state, out)
     except (EvalSetError, StageError, StateError) as err:
         raise fail(err) from None
-    write_text_atomic(out / "compact.json", json.dumps(asdict(result), indent=2))
     console.print(summary_line(result))
     for layer, near in result.nearest.items():
         use, cos = near["least_use"], near["most_similar"]

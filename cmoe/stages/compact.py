@@ -19,13 +19,15 @@ them the kept evaluation sets and checks every step on them:
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from cmoe.config import CmoeConfig
+from cmoe.files import write_text_atomic
 from cmoe.model.cmoe_layer import cmoe_info, cmoe_layers
 from cmoe.model.compaction import Step, compact, measure, nearest_candidates, plan_steps, record
 from cmoe.model.params import count_params
@@ -56,10 +58,13 @@ class CompactResult:
 
 
 def run_compact(cfg: CmoeConfig, state_dir: Path, out_dir: Path) -> CompactResult:
-    """Compact every CMoE layer of the state at `state_dir`; write the new state to out_dir/state."""
+    """Compact every CMoE layer of the state at `state_dir`; write the new state to out_dir/state and
+    every step tried, with each task's accuracy before and after, to out_dir/compact.json."""
     t0 = time.perf_counter()
     model, processor = open_lineage(cfg, Path(state_dir))
-    return _compacted(cfg, model, processor, None, out_dir, t0)
+    result = _compacted(cfg, model, processor, None, out_dir, t0)
+    write_text_atomic(Path(out_dir) / "compact.json", json.dumps(asdict(result), indent=2))
+    return result
 
 
 def run_make_room(cfg: CmoeConfig, state_dir: Path, out_dir: Path) -> CompactResult | None:
