@@ -38,7 +38,9 @@ from cmoe.stages.metrics import score
 from cmoe.stages.trainer import TrainResult, TrainSpec, train
 
 PROBE_FILE = "probe.safetensors"  # trained probes + router: the expansion's warm start
-ROUTING_ROWS = 128  # held-out rows on which each layer's most-used expert (the probe's source) is counted
+# Held-out rows on which each earlier router's loss is compared (the start router's choice). A router
+# that fits the task stands out by nats, not hundredths (docs/method.md, choice 8): two batches tell.
+START_ROWS = 64
 
 
 @dataclass
@@ -113,7 +115,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     fit = [data.encoded[i] for i in fit_idx]
     held = [data.encoded[i] for i in held_idx]
 
-    start, start_losses = start_router(model, processor, held, cfg.eval.batch_size)
+    start, start_losses = start_router(model, processor, held[:START_ROWS], cfg.eval.batch_size)
 
     def phase(steps: int, what: str) -> tuple[TrainResult, float, float]:
         """Train what is trainable now for `steps`; (training, held-out loss, held-out accuracy)."""
@@ -125,21 +127,18 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
         model.train()
         trained = train(model, trainable_parameters(model), fit, processor.collate, moe_loss, spec, on_log=log)
         model.eval()
-        return (trained, heldout_loss(model, processor, held, cfg.eval.batch_size),
-                heldout_accuracy(model, processor, data, held_idx, cfg))
+        with record_routing(model):  # the loss pass also counts where each layer's router sends tokens
+            loss = heldout_loss(model, processor, held, cfg.eval.batch_size)
+        return trained, loss, heldout_accuracy(model, processor, data, held_idx, cfg)
 
     with route(model, [name]):
         # When, part 1: what the existing pool does for this task with a trained router.
         pool, loss_pool, acc_pool = phase(cfg.probe.router_steps, "probe router")
-        with record_routing(model):  # which expert each layer's trained router leans on most
-            _forward_all(model, processor, held[:ROUTING_ROWS], cfg.eval.batch_size)
-        attach_probes(model)  # copies of those experts, each behind a new router column
+        attach_probes(model)  # copies of the expert each layer's trained router leaned on most
 
         # When, part 2, and where: the probes train beside the router; how much do they help, where?
         result, loss_probes, acc_probes = phase(cfg.probe.steps, "probe")
-        with record_routing(model):
-            _forward_all(model, processor, held, cfg.eval.batch_size)
-    raw = probe_scores(model)
+    raw = probe_scores(model)  # the probes' shares, counted in phase 2's held-out loss pass
     gain = acc_probes - acc_pool
 
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
@@ -197,12 +196,6 @@ def heldout_loss(model: torch.nn.Module, processor, examples: list, batch_size: 
         total += float(model(**batch).loss) * n
         tokens += n
     return total / max(tokens, 1)
-
-
-@torch.no_grad()
-def _forward_all(model: torch.nn.Module, processor, examples: list, batch_size: int) -> None:
-    for i in range(0, len(examples), batch_size):
-        model(**processor.collate(examples[i:i + batch_size], device=device_of(model)))
 
 
 def plot_scores(report: ProbeReport, path: Path) -> None:
