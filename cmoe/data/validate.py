@@ -469,7 +469,7 @@ def _image_problem(source: Path | bytes) -> str | None:
 
 
 class ImageInputError(ValueError):
-    """An image given to `cmoe predict` (or any reader outside a bundle) that cannot be used safely."""
+    """An image given to `cmoe predict` or the served pyfunc (any reader outside a bundle) that cannot be used safely."""
 
 
 def read_checked_image(path: str | Path) -> bytes:
@@ -489,11 +489,17 @@ def read_checked_image(path: str | Path) -> bytes:
         if st.st_size > MAX_IMAGE_BYTES:
             raise ImageInputError(f"{path}: {st.st_size} bytes, over the {MAX_IMAGE_BYTES} byte limit")
         data = f.read(MAX_IMAGE_BYTES + 1)
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageInputError(f"{path}: over the {MAX_IMAGE_BYTES} byte limit")
-    if message := _image_problem(data):
+    if message := image_bytes_problem(data):
         raise ImageInputError(f"{path}: {message}")
     return data
+
+
+def image_bytes_problem(data: bytes) -> str | None:
+    """Why an encoded image file's bytes (a served request's image) cannot be used, or None: the
+    checks of `read_checked_image` after the file is read (bytes, format, pixels, depth, decoding)."""
+    if len(data) > MAX_IMAGE_BYTES:
+        return f"over the {MAX_IMAGE_BYTES} byte limit"
+    return _image_problem(data)
 
 
 def question_problem(question: str) -> str | None:

@@ -36,7 +36,7 @@ from cmoe.model.state import MANIFEST, StateError, read_manifest, verify_state
 from cmoe.redact import redact_uri
 from cmoe.registry.model_card import with_decision
 from cmoe.registry.pyfunc import SIGNATURE, STATE_ARTIFACT, model_config
-from cmoe.registry.shipped_code import PACKAGE, pip_requirements
+from cmoe.registry.shipped_code import CODE_SHA256, package_to_ship, pip_requirements
 from cmoe.registry.timeouts import limit_requests, no_answer
 from cmoe.registry.trusted_code import MODEL_CODE, model_code_problem
 
@@ -383,14 +383,15 @@ class Registry:
             return int(found[0].version)
         self._point_mlflow_here()
         # No input example: MLflow would load the model and predict with it just to check the example.
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), package_to_ship() as (code, code_sha256):
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(MODEL_CODE), artifacts={STATE_ARTIFACT: str(state_dir)},
                 signature=SIGNATURE, model_config=self._model_config,
-                # The cmoe source travels with the model (no index has cmoe), the listed requirements
-                # are what it imports (listing them skips MLflow's ~20 s inference): cmoe.registry.shipped_code.
-                code_paths=[str(PACKAGE)], pip_requirements=pip_requirements())
+                # The cmoe source travels with the model (no index has cmoe), with the sha256 of each
+                # file; the listed requirements are what it imports (listing them skips MLflow's ~20 s
+                # inference): cmoe.registry.shipped_code.
+                code_paths=[str(code)], metadata={CODE_SHA256: code_sha256}, pip_requirements=pip_requirements())
         version_tags = {
             "cmoe.key": key, "task": task, "bundle_uri": bundle_uri, "bundle_sha256": bundle_sha256,
             "parent_version": str(parent_version or _NONE), "decision": "pending_review", "decided_by": "",
@@ -570,7 +571,10 @@ class Registry:
             except MlflowException as err:  # e.g. no champion yet
                 raise RegistryError(f"cannot load {model_uri} from {redact_uri(self.tracking_uri)}: "
                                     f"{redact_uri(err.message)}") from None
-            return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
+            try:
+                return model.predict(pd.DataFrame({"image": images, "question": questions})).to_dict("records")
+            except MlflowException as err:  # rows the pyfunc refuses (cmoe.registry.pyfunc)
+                raise RegistryError(f"{model_uri} cannot answer: {err.message}") from None
 
     def champion(self) -> Champion | None:
         """The champion's version, a local copy of its state directory and its accuracy; None before any."""

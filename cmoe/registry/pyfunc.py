@@ -9,6 +9,14 @@ Served by `mlflow models serve`, a request's `image` is the encoded image file (
 base64 string, which MLflow decodes to bytes because the column is `binary` (docs/orchestration.md,
 "Serving the champion"): a request cannot name a file on the server. In process a path or a PIL
 image passes too (MLflow leaves Python objects as they are).
+
+Every row gets `cmoe predict`'s limits before any decoder or the model sees it: the image the
+validator's checks (cmoe.data.validate: bytes, format, pixels, depth, decoding; a path is read as
+`read_checked_image` reads it), the question its length, then its prompt the model's positions. A
+request with a row that fails them is refused whole, naming every such row (numbered from 0, as in
+the request's `data`) and its problem: an MlflowException INVALID_PARAMETER_VALUE, which a scoring
+server answers with HTTP 400. Loading refuses a model whose code is not what was logged
+(cmoe.registry.trusted_code, run by the model on itself).
 """
 
 from __future__ import annotations
@@ -19,11 +27,14 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 
 from cmoe.config import CmoeConfig
+from cmoe.registry.trusted_code import model_code_problem
 
 STATE_ARTIFACT = "state"  # key of the state directory among the pyfunc's artifacts
 OUTPUT_COLUMNS = ["answer", "task", "confidence", "margin"]
@@ -33,6 +44,7 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "task"), ColSpec("double", "confidence"),
                     ColSpec("double", "margin")]),
 )
+SHOWN_PROBLEMS = 10  # problems named in one refusal (the rest are counted): the error stays one bounded line
 
 
 def model_config(cfg: CmoeConfig) -> dict[str, Any]:
@@ -41,31 +53,74 @@ def model_config(cfg: CmoeConfig) -> dict[str, Any]:
 
 
 def to_image(value: Any) -> Image.Image:
-    """An RGB image from a file path, raw encoded bytes or a PIL image."""
+    """An RGB image from encoded bytes, a file path or a PIL image (in process: the caller decoded it);
+    bytes and files pass the validator's image checks first, else ImageInputError says why."""
+    from cmoe.data.bundle import IMAGE_FORMATS  # the data layer loads when a model answers, not with the registry
+    from cmoe.data.validate import ImageInputError, image_bytes_problem, read_checked_image
+
     if isinstance(value, Image.Image):
         return value.convert("RGB")
-    source = io.BytesIO(value) if isinstance(value, bytes | bytearray) else Path(value)
-    with Image.open(source) as im:
+    if isinstance(value, bytes | bytearray):
+        data = bytes(value)
+        if problem := image_bytes_problem(data):
+            raise ImageInputError(problem)
+    elif isinstance(value, str | Path):
+        data = read_checked_image(value)
+    else:
+        raise ImageInputError(f"is {type(value).__name__}, not an encoded image file")
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
         return im.convert("RGB")
 
 
+def refused(problems: list[tuple[int, str]], rows: int) -> MlflowException:
+    """The request's refusal (HTTP 400 from a scoring server): which rows cannot be answered, and why."""
+    named = "; ".join(f"row {i}: {why}" for i, why in problems[:SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    return MlflowException.invalid_parameter_value(
+        f"{len({i for i, _ in problems})} of {rows} rows cannot be answered, so none was: {named}{more}")
+
+
 class CmoePyfunc(mlflow.pyfunc.PythonModel):
-    """Answers a DataFrame with columns `image` (path or bytes) and `question`."""
+    """Answers a DataFrame with columns `image` (bytes; in process also a path or PIL image) and `question`."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        """Remember the state directory MLflow materialised for this model and its decoding settings."""
+        """Check the model's code is what was logged, then remember the state directory MLflow
+        materialised for it and its decoding settings."""
         self.state_dir = Path(context.artifacts[STATE_ARTIFACT])
+        model_dir = next((p for p in self.state_dir.parents if (p / MLMODEL_FILE_NAME).is_file()), None)
+        problem = (model_code_problem(model_dir, running=True) if model_dir
+                   else f"its state {self.state_dir} lies in no MLflow model folder")
+        if problem:
+            raise MlflowException(f"refusing to load this cmoe model: {problem}")
         # Versions logged before the settings were recorded have none: the defaults then.
         self.cfg = CmoeConfig.model_validate({"eval": context.model_config or {}})
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """One row per input: the answer, the task the locator picked, its confidence and its margin."""
-        from cmoe.stages.predict import predict_rows
+        """One row per input: the answer, the task the locator picked, its confidence and its margin;
+        an MlflowException (INVALID_PARAMETER_VALUE) naming every row that cannot be answered."""
+        from cmoe.data.validate import ImageInputError, question_problem
+        from cmoe.stages.predict import PromptTooLongError, predict_rows
 
         missing = {"image", "question"} - set(model_input.columns)
         if missing:
-            raise ValueError(f"input needs columns 'image' and 'question'; missing {sorted(missing)}")
-        images = [to_image(v) for v in model_input["image"]]
-        rows = predict_rows(self.cfg, self.state_dir, images, [str(q) for q in model_input["question"]])
+            raise MlflowException.invalid_parameter_value(
+                f"input needs columns 'image' and 'question'; missing {sorted(missing)}")
+        images, questions, problems = [], [], []
+        for row, (image, question) in enumerate(zip(model_input["image"], model_input["question"])):
+            try:
+                images.append(to_image(image))
+            except ImageInputError as err:  # a path's message starts with the path
+                problems.append((row, f"image {err}" if isinstance(image, str | Path) else f"image: {err}"))
+            if not isinstance(question, str):
+                problems.append((row, f"question: is {type(question).__name__}, not text"))
+            elif why := question_problem(question):
+                problems.append((row, f"question: {why}"))
+            questions.append(question)
+        if problems:
+            raise refused(problems, len(model_input))
+        try:
+            rows = predict_rows(self.cfg, self.state_dir, images, questions)
+        except PromptTooLongError as err:
+            raise refused([(i, f"question: {why}") for i, why in err.rows.items()], len(model_input)) from None
         return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)

@@ -5,6 +5,11 @@ A version's pyfunc is rebuilt, not unpickled, by MLflow executing the version's 
 could change that copy, put code beside the shipped cmoe package (cmoe.registry.shipped_code: MLflow
 prepends that folder to `sys.path`), log a pickled python_model instead, or point an artifact
 outside the model; `model_code_problem` refuses each before MLflow loads anything.
+
+The served pyfunc runs the same check on itself when MLflow loads it (`CmoePyfunc.load_context`,
+then against its own shipped copy of `model_code.py`): a shipped file that is not the one logged
+makes the model refuse to load. That is integrity, not a defence: the check runs inside the code
+it checks and its record lies in the same artifact store, so whoever rewrites both passes it.
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ from pathlib import Path
 from mlflow.models import Model
 
 from cmoe.files import file_sha256
-from cmoe.registry.shipped_code import shipped_code_problem
+from cmoe.registry.shipped_code import CODE_SHA256, shipped_code_problem
 
 MODEL_CODE = Path(__file__).with_name("model_code.py")  # the installed entry point, logged with every version
 CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of models-from-code
 
 
-def model_code_problem(model_dir: Path) -> str | None:
-    """Why the downloaded model in `model_dir` must not be loaded by this installation, or None."""
+def model_code_problem(model_dir: Path, *, running: bool = False) -> str | None:
+    """Why the downloaded model in `model_dir` must not be loaded by this installation, or None;
+    `running`: asked by the model's own pyfunc as it loads (cmoe.registry.shipped_code)."""
     try:
-        flavor = Model.load(str(model_dir)).flavors["python_function"]
+        model = Model.load(str(model_dir))
+        flavor = model.flavors["python_function"]
     except (OSError, KeyError, ValueError) as err:
         return f"its MLmodel has no readable python_function flavor ({type(err).__name__}: {str(err)[:200]})"
     if flavor.get("loader_module") != CODE_LOADER or not flavor.get("model_code_path"):
@@ -35,7 +42,8 @@ def model_code_problem(model_dir: Path) -> str | None:
     if logged != installed:
         return (f"its model code {code.name} (sha256 {logged[:16]}…) differs from the installed "
                 f"{MODEL_CODE} ({installed[:16]}…): it would run code this cmoe does not ship")
-    if flavor.get("code") and (problem := shipped_code_problem(model_dir, flavor["code"])):
+    recorded = (model.metadata or {}).get(CODE_SHA256)
+    if flavor.get("code") and (problem := shipped_code_problem(model_dir, flavor["code"], recorded, running=running)):
         return problem
     for name, artifact in (flavor.get("artifacts") or {}).items():
         if not (model_dir / artifact.get("path", "")).resolve().is_relative_to(model_dir.resolve()):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -124,7 +122,7 @@ def test_champion_pyfunc_answers_rows(registry: Registry, tmp_path: Path, monkey
         return [{"answer": "red" if im.getpixel((0, 0)) == (255, 0, 0) else "?", "task": "color", "confidence": 0.9,
                  "margin": 0.8} for im in images]
 
-    monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
+    monkeypatch.setattr("cmoe.stages.predict.predict_rows", predict_rows)
     png = with_champion(registry, tmp_path)
     model = mlflow.pyfunc.load_model(f"models:/{registry.model_name}@champion")
     out = model.predict(pd.DataFrame({"image": [str(png), png.read_bytes()], "question": ["what color?"] * 2}))
@@ -146,7 +144,7 @@ def test_predict_through_the_registry_decodes_as_the_callers_config_says(
         seen["eval"] = cfg.eval.model_dump()
         return [{"answer": "?", "task": "color", "confidence": 0.5, "margin": 0.1} for _ in images]
 
-    monkeypatch.setitem(sys.modules, "cmoe.stages.predict", types.SimpleNamespace(predict_rows=predict_rows))
+    monkeypatch.setattr("cmoe.stages.predict.predict_rows", predict_rows)
     png = with_champion(registry, tmp_path)
     caller = Registry(CmoeConfig(home=home, eval={"max_new_tokens": 3, "batch_size": 2}))
     caller.predict("models:/cmoe@champion", [str(png)], ["what color?"])
@@ -157,8 +155,7 @@ def test_predict_refuses_a_version_whose_logged_model_code_is_not_the_installed_
         registry: Registry, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading runs the version's own copy of model_code.py: a copy changed in the artifact store never runs."""
     ran: list[object] = []
-    monkeypatch.setitem(sys.modules, "cmoe.stages.predict",
-                        types.SimpleNamespace(predict_rows=lambda *args: ran.append(args) or []))
+    monkeypatch.setattr("cmoe.stages.predict.predict_rows", lambda *args: ran.append(args) or [])
     png = with_champion(registry, tmp_path)
     logged = list((home / "mlartifacts").rglob("model_code.py"))  # every version's copy in the artifact store
     originals = {f: f.read_bytes() for f in logged}

@@ -3,7 +3,9 @@
 `mlflow models serve -m models:/cmoe@champion --env-manager local` runs in a fresh virtual
 environment that holds only the version's logged requirements and what they depend on (linked
 from this environment: no index is reachable here), never cmoe: the pyfunc's code comes from the
-version's `code/` folder. Requests are posted as a user would (image = base64 PNG).
+version's `code/` folder. Requests are posted as a user would (image = base64 PNG); a request
+with a row `cmoe predict` would refuse is answered 400, naming the row, and a model whose shipped
+code was changed refuses to load.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import venv
 from collections.abc import Iterator
@@ -23,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.pyfunc
 import pytest
+from mlflow.exceptions import MlflowException
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -31,6 +37,7 @@ from cmoe.config import load_config
 from cmoe.net import free_port
 from cmoe.registry import Registry
 from cmoe.registry.trusted_code import model_code_problem
+from tests.data.helpers import header_only_png
 from tests.production.conftest import Started, http_ok, start, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]
@@ -134,13 +141,23 @@ def rows_of(bundle: Path, n: int) -> list[tuple[str, str]]:
     return [(base64.b64encode((bundle / "test" / r["file_name"]).read_bytes()).decode(), r["question"]) for r in rows]
 
 
-def invoke(url: str, rows: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """POST rows to /invocations in MLflow's `dataframe_split` format; the predictions."""
+def post(url: str, rows: list[tuple[str, str]]) -> tuple[int, dict[str, Any]]:
+    """POST rows to /invocations in MLflow's `dataframe_split` format; the HTTP status and JSON body."""
     body = json.dumps({"dataframe_split": {"columns": ["image", "question"], "data": [list(r) for r in rows]}})
     request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - the local test server
-        return json.loads(response.read())["predictions"]
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - the local test server
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def invoke(url: str, rows: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The predictions for rows posted to /invocations (which must answer 200)."""
+    status, body = post(url, rows)
+    assert status == 200, body
+    return body["predictions"]
 
 
 def test_the_scoring_server_answers_image_and_question_rows(served: str, suite: list[Path]) -> None:
@@ -163,3 +180,52 @@ def test_parallel_requests_for_different_tasks_get_the_answers_each_gets_alone(s
         return [(p["answer"], p["task"], round(p["confidence"], 4)) for p in out]
 
     assert [routed(out) for out in together] == [routed(out) for out in alone * 2]
+
+
+def refusal(url: str, rows: list[tuple[str, str]]) -> str:
+    """The pyfunc's error for a request the server must refuse as bad input (HTTP 400), without the
+    shortened copy of the request MLflow puts in front of it."""
+    status, body = post(url, rows)
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", (status, body)
+    data, error = body["message"].rsplit("\nError: ", 1)
+    assert data.startswith("Failed to predict data ")
+    return error
+
+
+def test_rows_the_validator_would_refuse_get_a_400_naming_each_and_a_good_request_still_answers(
+        served: str, suite: list[Path]) -> None:
+    """The pyfunc applies `cmoe predict`'s image and text limits itself: nothing of the request is answered."""
+    (image, question), = rows_of(suite[0], 1)
+    bomb = base64.b64encode(header_only_png(60000, 60000)).decode()  # 60 bytes claiming 3.6 Gpx
+    text = base64.b64encode(b"not an image\n").decode()
+    message = refusal(served, [(bomb, question), (image, question), (text, question), (image, "why " * 25_000)])
+    assert message.startswith("3 of 4 rows cannot be answered, so none was: row 0: image: possible decompression bomb")
+    assert "; row 2: image: cannot decode image: not an image in a supported format" in message
+    assert message.endswith("; row 3: question: the question is 100000 characters, over the 2000 limit")
+    assert "row 1" not in message
+    assert len(invoke(served, [(image, question)])) == 1
+
+
+def test_a_question_whose_prompt_exceeds_the_models_positions_gets_a_400(served: str, suite: list[Path]) -> None:
+    """Under the character limit but over the model's positions: refused, not answered with garbage."""
+    (image, question), = rows_of(suite[0], 1)
+    long = " ".join(f"w{i}" for i in range(400))  # 1 900 characters: within the text limit, ~800 tokens
+    message = refusal(served, [(image, question), (image, long)])
+    assert message.startswith("1 of 2 rows cannot be answered, so none was: row 1: question: too long for the model")
+    assert message.endswith("over the model's 256 positions")
+
+
+def test_a_version_whose_shipped_code_was_changed_refuses_to_load(champion_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pyfunc checks its model's shipped code against the sha256 recorded when it was logged as
+    MLflow loads it (the served copy runs the same check on itself: `served` starts only because it
+    passes there), and a check before loading finds the same."""
+    changed = Path(shutil.copytree(champion_dir, tmp_path / "model"))
+    with (changed / "code" / "cmoe" / "stages" / "predict.py").open("a") as f:
+        f.write("raise SystemExit('changed code ran')\n")
+    expected = ("its shipped code is not what was logged (sha256 recorded in its MLmodel): "
+                "code/cmoe/stages/predict.py changed")
+    assert model_code_problem(changed) == expected
+    monkeypatch.setattr(sys, "path", list(sys.path))  # MLflow prepends the model's code folder
+    with pytest.raises(MlflowException, match=re.escape(f"refusing to load this cmoe model: {expected}")):
+        mlflow.pyfunc.load_model(str(changed))
