@@ -2,6 +2,7 @@
 
 Methods (same base, same trainer, same budget per task, same evaluation):
 - `cmoe`          PGKE probe decides where to grow; one router + one locator VAE per task (PTL).
+- `cmoe-compact`  `cmoe`, with the lineage compacted (`cmoe compact`, the `compact` config) after every task.
 - `naive-expand`  one new expert in every CMoE layer per task, no probe; per-task routers + PTL.
 - `single-router` experts grow like naive-expand, but one shared router is trained on every task.
 - `seq-ft`        no growth: the upcycled experts and one shared router are fine-tuned task by task.
@@ -20,6 +21,7 @@ from cmoe.data.validate import ValidatedBundle, open_bundle
 from cmoe.model.cmoe_layer import add_task, train_all_experts
 from cmoe.model.routing import route
 from cmoe.stages import metrics
+from cmoe.stages.compact import run_compact
 from cmoe.stages.common import keep_task_eval_set, load_train, moe_loss, open_lineage, task_eval_set
 from cmoe.stages.evaluate import evaluate_model, plot_matrix, run_evaluate
 from cmoe.stages.expand import expand_model, run_expand
@@ -27,7 +29,7 @@ from cmoe.stages.probe import naive_plan, run_probe
 from cmoe.stages.report import Row, TextTable, accuracy_table, cell
 from cmoe.stages.trainer import TrainSpec, train
 
-METHODS = ("cmoe", "naive-expand", "single-router", "seq-ft", "joint")
+METHODS = ("cmoe", "cmoe-compact", "naive-expand", "single-router", "seq-ft", "joint")
 
 
 def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], out: Path) -> dict:
@@ -42,11 +44,12 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
     parent: Path | None = None
     history: list[dict[str, float]] = []
     report = None
-    experts, probe_s, expand_s = [], 0.0, 0.0
+    experts, removed, probe_s, expand_s = [], [], 0.0, 0.0
+    probed = method in ("cmoe", "cmoe-compact")
     for i, bundle in enumerate(bundles):
         step = out / f"{i + 1:02d}-{bundle.name}"
         t_probe = time.perf_counter()
-        if method == "cmoe":
+        if probed:
             plan = run_probe(cfg, bundle, parent, step / "probe")
         else:  # naive-expand, single-router: one expert in every CMoE layer, no probe
             plan = naive_plan(cfg, bundle, parent, step / "probe")
@@ -57,15 +60,23 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
         expanded = run_expand(cfg, bundle, parent, plan, step / "expand", eval_set=kept, copy_base=False,
                               variant=variant)
         expand_s += expanded.wall_s
-        report = run_evaluate(cfg, Path(expanded.state_dir), step / "eval", history)
+        state = Path(expanded.state_dir)
+        if method == "cmoe-compact":  # what a team running `cmoe compact` after every task would keep
+            compacted = run_compact(cfg, state, step / "compact")
+            removed.append(compacted.retired + compacted.merged)
+            shutil.rmtree(state.parent)
+            state = Path(compacted.state_dir)
+        report = run_evaluate(cfg, state, step / "eval", history)
         history.append(report.acc)
         if parent is not None:
             shutil.rmtree(parent.parent)  # keep only the newest state of the lineage on disk
-        parent = Path(expanded.state_dir)
+        parent = state
     assert report is not None
-    # Experts each task added, and PGKE's price: probe wall time as a share of the expansions'.
+    # Experts each task added (and compaction removed), and PGKE's price: probe wall time as a share
+    # of the expansions'.
     return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0,
-                  experts_added=experts, probe_cost=probe_s / expand_s if method == "cmoe" else None)
+                  experts_added=experts, experts_removed=removed or None,
+                  probe_cost=probe_s / expand_s if probed else None)
 
 
 def run_seq_ft(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dict:
@@ -112,12 +123,13 @@ def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dic
 
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
            params_added: list[int], t0: float, experts_added: list[int] | None = None,
-           probe_cost: float | None = None) -> dict:
+           experts_removed: list[int] | None = None, probe_cost: float | None = None) -> dict:
     return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "mfn": metrics.avg_acc(matrix),
             "bwt": metrics.bwt(matrix),
             "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "mft": metrics.mft(matrix),
             "locator_acc": locator_acc, "params_total": params_total, "params_added": params_added,
-            "experts_added": experts_added or [0] * len(params_added), "probe_cost": probe_cost,
+            "experts_added": experts_added or [0] * len(params_added),
+            "experts_removed": experts_removed or [0] * len(params_added), "probe_cost": probe_cost,
             "wall_s": time.perf_counter() - t0}
 
 
@@ -133,7 +145,7 @@ def mean_over_seeds(entries: list[dict]) -> dict:
     def spread(values: list) -> list | None:
         return None if any(v is None for v in values) else [min(values), max(values)]
 
-    per_task = ("params_added", "experts_added")  # one number per task
+    per_task = ("params_added", "experts_added", "experts_removed")  # one number per task
     summaries = [k for k in entries[0] if k != "acc_matrix" and k not in per_task]
     rows = zip(*(e["acc_matrix"] for e in entries))
     out = {"acc_matrix": [[mean(list(col)) for col in zip(*row)] for row in rows],
@@ -182,14 +194,19 @@ def results_markdown(results: dict) -> str:
     methods = results["methods"].items()
     summary = TextTable(
         ["method", "Avg (MFN) %", "MFT %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added",
-         "experts added", "probe cost", "wall s"],
+         "experts added", "experts removed", "probe cost", "wall s"],
         [[name, *(cell(m[k]) for k in ("avg_acc", "mft", "bwt", "forgetting", "maa", "locator_acc")),
-          f"{m['params_total']:,}", f"{sum(m['params_added']):,}",
-          " / ".join(f"{n:g}" for n in m["experts_added"]), cell(m["probe_cost"], ".0%"), f"{m['wall_s']:.0f}"]
+          f"{m['params_total']:,}", f"{sum(m['params_added']):,}", per_task(m["experts_added"]),
+          per_task(m.get("experts_removed")), cell(m["probe_cost"], ".0%"), f"{m['wall_s']:.0f}"]
          for name, m in methods])
     final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
     return (f"Tasks, in order: {', '.join(results['tasks'])}\n\n{summary.markdown()}\n\n"
             f"Final accuracy per task (%):\n\n{final.markdown()}\n" + seeds_markdown(results))
+
+
+def per_task(counts: list[float] | None) -> str:
+    """Experts per task, "2 / 1 / 0"; "0" when none were (results written before a count existed: none)."""
+    return " / ".join(f"{n:g}" for n in counts) if counts and any(counts) else "0"
 
 
 def seeds_markdown(results: dict) -> str:

@@ -31,9 +31,10 @@ N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
 #   joint         final row [25.0, 25.0]
 # (cmoe with seed 1 draws an empty plan for task 1 and then learns nothing: 0 %.)
 RUN_KEYS = {"acc_matrix", "avg_acc", "mfn", "bwt", "forgetting", "maa", "mft", "locator_acc", "params_total",
-            "params_added", "experts_added", "probe_cost", "wall_s"}
+            "params_added", "experts_added", "experts_removed", "probe_cost", "wall_s"}
 ENTRY_KEYS = RUN_KEYS | {"range", "per_seed"}  # means over seeds, their [min, max], each seed's run
 SEQUENTIAL = ("cmoe", "naive-expand", "single-router", "seq-ft")
+COMPARED = tuple(m for m in METHODS if m != "cmoe-compact")  # cmoe-compact has its own test below
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,7 @@ def bench(uris: list[str], learning_base: Path, tmp_path_factory: pytest.TempPat
     root = tmp_path_factory.mktemp("bench")
     cfg = stage_config(root / "home", learning_base, **LEARNING)
     out = root / "out"
-    return out, run_bench(cfg, uris, list(METHODS), out)
+    return out, run_bench(cfg, uris, list(COMPARED), out)
 
 
 def test_results_json_has_exactly_the_documented_schema(bench: tuple[Path, dict], uris: list[str]) -> None:
@@ -57,7 +58,7 @@ def test_results_json_has_exactly_the_documented_schema(bench: tuple[Path, dict]
     assert results == json.loads(json.dumps(returned))
     assert set(results) == {"tasks", "seeds", "methods"} and results["seeds"] == [0]
     assert results["tasks"] == [Path(b).name.split("-", 1)[1] for b in uris]
-    assert list(results["methods"]) == list(METHODS)
+    assert list(results["methods"]) == list(COMPARED)
     for name, entry in results["methods"].items():
         assert set(entry) == ENTRY_KEYS and [set(run) for run in entry["per_seed"]] == [RUN_KEYS], name
         assert len(entry["params_added"]) == 2 and entry["params_total"] > 0 and entry["wall_s"] > 0
@@ -139,13 +140,27 @@ def test_cmoe_grows_what_its_probe_planned_and_naive_expand_one_expert_per_layer
 def test_results_md_has_a_row_and_a_heatmap_per_method(bench: tuple[Path, dict]) -> None:
     out, _ = bench
     lines = (out / "results.md").read_text().splitlines()
-    for name in METHODS:
+    for name in COMPARED:
         assert sum(line.startswith(f"| {name} |") for line in lines) == 2, name  # summary + per-task table
         assert (out / f"{name}-accuracy.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_cmoe_compact_compacts_after_every_task_and_reports_the_experts_it_removed(
+    make_cfg, uris: list[str], tmp_path: Path,
+) -> None:
+    # Every task expert is a retirement candidate (min_use 1.0) and every step is kept (max_drop 100).
+    cfg = make_cfg(compact={"min_use": 1.0, "max_drop": 100.0})
+    entry = run_bench(cfg, uris[:1], ["cmoe-compact"], tmp_path / "out")["methods"]["cmoe-compact"]
+    assert entry["experts_added"][0] > 0 and entry["experts_removed"] == entry["experts_added"]
+    work = tmp_path / "out" / "work" / "cmoe-compact" / "seed-0"
+    compact = json.loads(next(work.glob("01-*/compact/compact.json")).read_text())
+    assert compact["retired"] == entry["experts_added"][0]
+    origins = read_manifest(next(work.glob("01-*/compact/state")))["experts"]
+    assert all(origin == "base" for layer in origins.values() for origin in layer)
+
+
 def test_an_unknown_method_fails_before_any_work(make_cfg, uris: list[str], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown methods \['ewc'\]; choose from cmoe, naive-expand"):
+    with pytest.raises(ValueError, match=r"unknown methods \['ewc'\]; choose from cmoe, cmoe-compact, naive-expand"):
         run_bench(make_cfg(), uris, ["cmoe", "ewc"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
