@@ -16,6 +16,8 @@ from typing import Annotated
 import typer
 
 from cmoe.cli.common import ConfigOpt, console, error, fail, open_registry, run_and_report, setup, versions_table
+from cmoe.config import CmoeConfig
+from cmoe.redact import redact_uri
 
 
 def run(
@@ -84,6 +86,13 @@ def demo(
         watch_inbox(config_path, inbox)
     except Exception as err:  # noqa: BLE001 - report what was learned anyway
         error(err)
+    if not print_results(cfg):
+        raise typer.Exit(1)
+
+
+def print_results(cfg: CmoeConfig) -> bool:
+    """What `cmoe demo` prints once the inbox is learned: the accuracy matrix of every version, the
+    champion's headline and the commands that open the UIs; whether there is a champion."""
     registry = open_registry(cfg)
     console.print(versions_table(registry.versions()))
     champion = registry.aliases().get("champion")
@@ -95,8 +104,7 @@ def demo(
                       + ", ".join(f"{v.task} {int(v.metrics.get('params_added', 0)):,}"
                                   for v in registry.lineage(champion)))
     _print_ui_commands(registry.tracking_uri)
-    if not champion:
-        raise typer.Exit(1)
+    return champion is not None
 
 
 def _tool(name: str) -> str:
@@ -106,8 +114,10 @@ def _tool(name: str) -> str:
 
 
 def _print_ui_commands(tracking_uri: str) -> None:
-    """The exact commands that open the Prefect and MLflow UIs on these results (plain text: never wrapped)."""
-    prefect_ui = os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
+    """The exact commands that open the Prefect and MLflow UIs on these results (plain text: never
+    wrapped), any password in their URIs shown as *** (the user has it; a terminal or log keeps it)."""
+    tracking_uri = redact_uri(tracking_uri)
+    prefect_ui = redact_uri(os.environ.get("PREFECT_API_URL", "").removesuffix("/api"))
     typer.echo("\nOpen the results:")
     if prefect_ui:
         typer.echo(f"  Prefect UI (flow runs, artifacts): {prefect_ui}")

@@ -5,7 +5,8 @@ by downloading it into a folder named by its listing: every later step (validati
 `datasets`) then runs on a local folder, and a bundle already downloaded is reused. One cache
 folder serves the whole data layer: downloads under `<cache_dir>/bundles/`, the `datasets` Arrow
 cache under `<cache_dir>/datasets/<bundle sha256>/`. Both are local copies of the user's data,
-removed once the bundle's task is decided (see `forget_download`, `loading.forget_local_copies`).
+removed once the bundle's task is decided (see `forget_download`, `loading.forget_local_copies`);
+the download of a bundle that fails validation is removed at once (`validate.validate`).
 
 The S3 endpoint comes from `CMOE_S3_ENDPOINT_URL`, else boto3's own `AWS_ENDPOINT_URL_S3` /
 `AWS_ENDPOINT_URL`; credentials come from the standard AWS chain and are never printed. Every S3

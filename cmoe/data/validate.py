@@ -66,7 +66,7 @@ class ValidationReport:
     """What validation found: the spec, per-split layout and size, the hash, and every problem."""
 
     uri: str
-    root: Path | None = None  # the local folder checked (for s3:// URIs: the cached download)
+    root: Path | None = None  # the local folder checked (for s3:// URIs: the cached download; None once refused)
     spec: TaskSpec | None = None
     layouts: dict[str, str] = field(default_factory=dict)  # split -> "imagefolder" | "parquet"
     counts: dict[str, int] = field(default_factory=dict)  # split -> rows
@@ -86,12 +86,16 @@ class ValidationReport:
 
 
 def validate(uri: str | Path, *, cache_dir: Path | None = None) -> ValidationReport:
-    """Validate a local folder or an `s3://` bundle (downloaded into `cache_dir` first)."""
+    """Validate a local folder or an `s3://` bundle (downloaded into `cache_dir` first). A refused
+    S3 bundle's download is deleted again: nothing of a bundle cmoe will not learn stays on disk."""
     try:
         root = storage.fetch_bundle(str(uri), cache_dir=cache_dir)
     except BundleError as err:  # e.g. an S3 bundle without task.yaml: nothing was downloaded
         return ValidationReport(uri=str(uri), problems=err.problems)
-    return validate_bundle(root, uri=str(uri))
+    report = validate_bundle(root, uri=str(uri))
+    if not report.ok and storage.is_s3(uri) and storage.forget_download(root, cache_dir=cache_dir):
+        report.root = None  # no local copy any more
+    return report
 
 
 def validate_bundle(root: Path, *, uri: str | None = None) -> ValidationReport:

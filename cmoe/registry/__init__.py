@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import warnings
@@ -189,6 +190,10 @@ class Registry:
         # a server that is down fails each request in bounded time, not after MLflow's minutes of retries
         self._limits = cfg.registry.request_timeout_s, cfg.registry.request_retries
         limit_requests(*self._limits)
+        if redact_uri(self.tracking_uri) != self.tracking_uri:
+            # MLflow prints every finished run's link on stdout, made from the tracking URI, password
+            # and all; cmoe's own links (the flow run's artifacts) show it as ***.
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def _point_mlflow_here(self) -> None:

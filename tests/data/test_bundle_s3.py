@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cmoe.data import storage
-from cmoe.data.bundle import bundle_sha256
+from cmoe.data.bundle import BundleError, bundle_sha256
 from cmoe.data.loading import load_split, read_task_spec
 from cmoe.data.storage import StorageError, fetch_bundle, list_bundles, upload_bundle
 from cmoe.data.validate import open_bundle, validate
@@ -62,6 +62,20 @@ def test_incomplete_s3_bundle_is_neither_listed_nor_downloaded(bundle: Path, s3_
     report = validate(f"s3://{s3_bucket}/inbox/partial/", cache_dir=tmp_path)
     assert [str(p) for p in report.problems] == ["task.yaml: missing: the bundle is incomplete (task.yaml is written last)"]
     assert not (tmp_path / "bundles").exists()
+
+
+def test_an_s3_bundle_that_fails_validation_leaves_nothing_in_the_cache(bundle: Path, s3_bucket: str,
+                                                                        tmp_path: Path) -> None:
+    (bundle / "train" / "images" / "1.png").unlink()  # a row whose image is missing: refused
+    uri = upload_bundle(bundle, f"s3://{s3_bucket}/inbox/broken")
+    cache = tmp_path / "cache"
+    report = validate(uri, cache_dir=cache)
+    assert [str(p) for p in report.problems] == ["train/metadata.jsonl:2: image 'images/1.png' not found"]
+    assert report.root is None and [p for p in cache.rglob("*") if p.name != "bundles"] == []
+    with pytest.raises(BundleError):  # the stages' entry (the flow's fetch) downloads and refuses it alike
+        open_bundle(uri, cache_dir=cache)
+    assert [p for p in cache.rglob("*") if p.name != "bundles"] == []
+    assert validate(bundle, cache_dir=cache).problems == report.problems and (bundle / "task.yaml").is_file()
 
 
 def test_s3_bundles_are_listed_in_arrival_order(make_bundle, s3_bucket: str) -> None:
