@@ -381,11 +381,15 @@ class Registry:
         """Log `state_dir` + the pyfunc wrapper as a new version pending a decision; alias `candidate`.
         `card` (cmoe.registry.model_card) is the version's description; `kpis` go in `kpi.*` tags.
 
-        Idempotent per task arrival (`key`): a re-run returns the version registered before.
+        Idempotent per task arrival (`key`): a re-run returns the version registered before, finishing
+        its registration if the run that registered it was killed before giving it its card and alias.
         """
         found = self.client.search_model_versions(f"name = '{self.model_name}' and tags.`cmoe.key` = '{key}'")
         if found:
-            return int(found[0].version)
+            mv = found[0]
+            if _version_tags(mv).get("decision") == "pending_review":  # maybe registered by a run killed since
+                self._finish_registration(int(mv.version), mv.description, card)
+            return int(mv.version)
         self._point_mlflow_here()
         # No input example: MLflow would load the model and predict with it just to check the example.
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), package_to_ship() as (code, code_sha256):
@@ -405,11 +409,18 @@ class Registry:
             **{f"gate.{k}": str(v) for k, v in flatten(gate).items()},
             **{f"kpi.{k}": str(v) for k, v in flatten(kpis or {}).items() if _number(v)}, **(tags or {}),
         }
+        # The version and its tags are one database write: a version found by its key has all its tags.
         mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         version = int(mv.version)  # str over REST, int over sqlite
-        self.client.update_model_version(self.model_name, str(version), description=card)
-        self.client.set_registered_model_alias(self.model_name, CANDIDATE, str(version))
+        self._finish_registration(version, None, card)
         return version
+
+    def _finish_registration(self, version: int, description: str | None, card: str) -> None:
+        """The steps after registering a version: its model card (unless it has one) and the `candidate`
+        alias; done again for a pending version found registered, in case a killed run left them out."""
+        if not description:
+            self.client.update_model_version(self.model_name, str(version), description=card)
+        self.client.set_registered_model_alias(self.model_name, CANDIDATE, str(version))  # may be set already
 
     def tag_version(self, version: int, tags: dict[str, str]) -> None:
         """Add or overwrite tags of a version (e.g. the flow run now waiting for its review)."""

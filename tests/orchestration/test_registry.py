@@ -238,6 +238,31 @@ def test_a_decision_cut_short_by_a_crash_stands_and_is_finished(fresh: Registry,
     assert fresh.aliases() == {CHAMPION: version}
 
 
+def test_a_registration_cut_short_by_a_crash_is_finished_by_the_rerun(fresh: Registry, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed once its version is registered, before the card and the `candidate` alias: the re-run of the
+    same arrival finds the version by its key and finishes it; nothing is registered twice."""
+    run = fresh.start_task_run("key-color", "color", "sha-color", None, {})
+    state = fake_state(tmp_path / "color", ["color"])
+
+    def registration() -> int:
+        return fresh.register_candidate(run, state, key="key-color", task="color", bundle_uri="/inbox/color",
+                                        bundle_sha256="sha-color", parent_version=None, acc={"color": 90.0},
+                                        metrics={}, gate={}, card="# color: the card")
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise MlflowException("registry unreachable")
+
+    monkeypatch.setattr(fresh.client, "update_model_version", unreachable)  # dies right after registering
+    with pytest.raises(MlflowException):
+        registration()
+    monkeypatch.undo()
+    assert (fresh.version(1).card, fresh.aliases()) == ("", {})
+    assert registration() == 1
+    assert [v.version for v in fresh.versions()] == [1] and fresh.aliases() == {CANDIDATE: 1}
+    assert fresh.version(1).card == "# color: the card"
+
+
 def test_an_expansion_plan_is_decided_once(fresh: Registry) -> None:
     run = fresh.start_task_run("key-plan", "plan", "sha-plan", None, {})
     fresh.set_plan_review(run, "pending")
