@@ -347,7 +347,7 @@ def continual_task(bundle_uri: str, config_path: str | None = None) -> TaskOutco
 def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> TaskOutcome:
     """The body of `continual_task` once the bundle is validated, run while holding the lineage's slot."""
     # The candidate builds on the champion; the pair (bundle, champion) names this arrival's work.
-    champion = registry.champion()
+    champion = arrival_champion(registry, bundle)
     parent = champion.version if champion else None
     lineage = registry.lineage(parent) if parent is not None else []
     held = held_versions(lineage)  # the versions that learned the champion's tasks (a retired one's left out)
@@ -397,6 +397,18 @@ def learn_task(cfg: CmoeConfig, registry: Registry, bundle: ValidatedBundle) -> 
     create_markdown_artifact(key="cmoe-decision", markdown=decision_markdown(outcome, result, kpis),
                              description=f"Gate decision on {bundle.name}")
     return outcome
+
+
+def arrival_champion(registry: Registry, bundle: ValidatedBundle) -> Champion | None:
+    """The champion this arrival builds on: the current one, or, for this flow run started again after
+    it registered its candidate (a suspended review answered), the one it started on, which that
+    candidate's approval has replaced."""
+    mine = next((v for v in registry.versions() if v.bundle_sha256 == bundle.sha256
+                 and v.tags.get("prefect_flow_run_id") == str(flow_run.id)), None)
+    if mine is None:
+        return registry.champion()
+    parent = mine.parent_version
+    return None if parent is None else Champion(parent, registry.state_dir(parent), registry.version(parent).acc)
 
 
 # ---------------------------------------------------------------------------- data lifecycle

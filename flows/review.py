@@ -34,7 +34,10 @@ it was still training, does not wait at all. Otherwise `wait_for_answer`
 3. and at its own state: resumed from the UI, it records the form's answer through the registry
    (rule 1); if another answer came first, that one stands and the refusal goes to the run's log.
 
-A suspended run looks in the registry once, right after parking, and then exits.
+A suspended run looks in the registry once, right after parking, and then exits. Started again
+(the same flow run), it builds on the champion it started from (`arrival_champion` in
+flows/continual.py), though an approval has moved `champion` onto its own candidate, so every
+stage resumes from its `done.json` and `settle` finds the decision.
 
 ## Why this cannot deadlock
 
@@ -60,7 +63,7 @@ from prefect import get_client, get_run_logger
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import FlowPauseTimeout, ObjectNotFound, Pause
 from prefect.input import RunInput, keyset_from_paused_state
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.states import Paused, Running, Suspended
 
 from cmoe.config import CmoeConfig
@@ -109,7 +112,8 @@ def review_plan(cfg: CmoeConfig, registry: Registry, run_id: str, plan: str) -> 
 def wait_for_answer(cfg: CmoeConfig, key: str, description: str, recorded: Callable[[], T | None],
                     record: Callable[[ReviewInput], T]) -> T:
     """Park this run with a `ReviewInput` form until `recorded()` finds a decision or the form is answered."""
-    suspend = bool(cfg.flow.suspend_reviews and flow_run.deployment_id and not flow_run.parent_flow_run_id)
+    # Prefect suspends only a deployment's own runs (a subflow sees its parent's deployment here)
+    suspend = bool(cfg.flow.suspend_reviews and deployment.id and not flow_run.parent_flow_run_id)
     timeout = cfg.flow.review_timeout_s
     parked = (Suspended(timeout_seconds=timeout, pause_key=key) if suspend
               else Paused(timeout_seconds=timeout, reschedule=False, pause_key=key))

@@ -1,11 +1,14 @@
 """Event-driven arrival on a real Prefect server: `cmoe data push` → `cmoe.bundle.ready` → the trigger of
 the `continual-task` deployment (deployed from prefect.yaml by `prefect deploy`) → a flow run of its
-own for that bundle → a process worker runs it to the gate's decision; then the reconciling watcher
-announces a bundle that arrived without a push, and only that one.
+own for that bundle → a process worker runs it to its review, where the run suspends and the worker
+exits (`flow.suspend_reviews`) → `cmoe review approve` starts it again → a second worker runs it to
+the reviewer's decision; then the reconciling watcher announces a bundle that arrived without a
+push, and only that one.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -57,6 +60,8 @@ def pushed(services: Services, tiny_suite: list[Path], tiny_base: Path,
     cfg["inbox"] = INBOX
     # MLflow in the home's SQLite: the other tests of this session count what the MLflow server holds
     cfg["flow"]["lineage_limit"] = "cmoe-events"  # and a lineage slot of its own on the shared Prefect server
+    cfg["gate"]["require_review"] = True  # every candidate waits for a person ...
+    cfg["flow"]["suspend_reviews"] = True  # ... in a suspended run, not in a worker's process
     config = root / "cmoe.yaml"
     config.write_text(yaml.safe_dump(cfg))
     with prefect_client(services) as client:
@@ -108,19 +113,54 @@ def test_a_pushed_bundle_gets_its_own_run_of_the_deployment(services: Services, 
     assert run.state.is_scheduled()  # waiting for a worker of pool `cmoe`
 
 
-@pytest.mark.timeout(600)
-def test_a_worker_runs_it_to_the_gates_decision(services: Services, pushed: Pushed) -> None:
-    from mlflow import MlflowClient
-
-    [run] = wait_for_run(services, pushed.uri)[pushed.uri]
+def run_worker_once(services: Services) -> str:
+    """`prefect worker start --pool cmoe --run-once`: run what the pool has scheduled, then exit; its log tail."""
     worker = subprocess.run([str(BIN / "prefect"), "worker", "start", "--pool", "cmoe", "--run-once"],
                             env=services.env, cwd=ROOT, capture_output=True, text=True, timeout=540, check=False)
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-6000:]
-    with prefect_client(services) as client:
-        assert client.read_flow_run(run.id).state.is_completed(), worker.stdout[-3000:] + worker.stderr[-6000:]
+    log = worker.stdout[-3000:] + worker.stderr[-6000:]
+    assert worker.returncode == 0, log
+    return log
+
+
+def registered(pushed: Pushed):  # noqa: ANN201 - an mlflow MlflowClient on the module's registry
+    """An MLflow client on the registry of the module's config (SQLite in its home)."""
+    from mlflow import MlflowClient
+
     tracking = f"sqlite:///{pushed.config.parent / 'home' / 'mlflow.db'}"
-    version = MlflowClient(tracking, registry_uri=tracking).get_model_version("cmoe", "1")
-    assert version.tags["bundle_uri"] == pushed.uri and version.tags["decision"] == "approved"
+    return MlflowClient(tracking, registry_uri=tracking)
+
+
+@pytest.mark.timeout(600)
+def test_a_review_suspends_the_run_and_frees_the_worker(services: Services, pushed: Pushed) -> None:
+    [run] = wait_for_run(services, pushed.uri)[pushed.uri]
+    log = run_worker_once(services)  # it returns while the run waits: the review holds no process
+    with prefect_client(services) as client:
+        state = client.read_flow_run(run.id).state
+        assert state.is_paused() and state.name == "Suspended", f"{state}\n{log}"
+        keyset = state.state_details.run_input_keyset  # the ReviewInput form the Prefect UI shows
+        assert set(json.loads(client.read_flow_run_input(run.id, keyset["schema"]))["properties"]) == {
+            "decision", "by", "reason"}
+        assert "cmoe review approve 1" in json.loads(client.read_flow_run_input(run.id, keyset["description"]))
+    version = registered(pushed).get_model_version("cmoe", "1")
+    assert version.tags["bundle_uri"] == pushed.uri and version.tags["decision"] == "pending_review"
+
+
+@pytest.mark.timeout(600)
+def test_cmoe_review_approve_starts_it_again_to_the_reviewers_decision(services: Services, pushed: Pushed) -> None:
+    [run] = wait_for_run(services, pushed.uri)[pushed.uri]
+    approve = run_cli(["review", "approve", "1", "--by", "ann", "--reason", "no forgetting",
+                       "--config", str(pushed.config)], services.env, pushed.config.parent)
+    assert approve.returncode == 0 and "resumed" in approve.stdout, approve.stdout + approve.stderr
+    with prefect_client(services) as client:
+        assert client.read_flow_run(run.id).state.is_scheduled()  # back in the pool's queue
+    log = run_worker_once(services)
+    with prefect_client(services) as client:
+        assert client.read_flow_run(run.id).state.is_completed(), log
+    registry = registered(pushed)
+    version = registry.get_model_version("cmoe", "1")
+    assert (version.tags["decision"], version.tags["decided_by"]) == ("approved", "ann")
+    assert len(registry.search_model_versions("name = 'cmoe'")) == 1  # the restart registered no second candidate
+    assert int(registry.get_model_version_by_alias("cmoe", "champion").version) == 1  # int over SQLite
 
 
 def test_the_watcher_announces_only_a_bundle_that_arrived_another_way(
