@@ -68,8 +68,8 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
             state = Path(compacted.state_dir)
         report = run_evaluate(cfg, state, step / "eval", history)
         history.append(report.acc)
-        if parent is not None:
-            shutil.rmtree(parent.parent)  # keep only the newest state of the lineage on disk
+        if parent is not None:  # keep only the newest state of the lineage on disk (and every compact.json)
+            shutil.rmtree(parent if parent.parent.name == "compact" else parent.parent)
         parent = state
     assert report is not None
     # Experts each task added (and compaction removed), and PGKE's price: probe wall time as a share
