@@ -50,17 +50,28 @@ def silent_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+# Long modules that build their own lineages and share only cheap session fixtures of their folder (a
+# local Prefect API, moto S3) with it: each is a unit of its own, so that their folder (a single
+# worker's work otherwise, ~700 s for tests/orchestration) does not end the run alone.
+OWN_UNITS = {"tests/orchestration/test_rehearsal_free.py", "tests/orchestration/test_retire.py",
+             "tests/orchestration/test_secrets_flow.py"}
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """Under `--dist loadscope` (`make test`), each folder of tests/ is one unit of work for one
     worker: a folder's conftest builds its costly session fixtures (a trained lineage, a watched
-    inbox, the service stack) once, which a module-by-module split would build on both workers."""
+    inbox, the service stack) once, which a module-by-module split would build on both workers.
+    The modules of OWN_UNITS are units of their own."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class FolderScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::")[0].split("/")
+            module = nodeid.split("::")[0]
+            if module in OWN_UNITS:
+                return module
+            path = module.split("/")
             return "/".join(path[:2]) if len(path) > 2 else path[0]  # tests/<folder>, or a top-level module
 
     return FolderScheduling(config, log)
