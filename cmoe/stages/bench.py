@@ -42,6 +42,7 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
         return run_seq_ft(cfg, bundles, out)
     t0 = time.perf_counter()
     parent: Path | None = None
+    spent: Path | None = None  # the folder of `parent` to delete once the next state is built on it
     history: list[dict[str, float]] = []
     report = None
     experts, removed, probe_s, expand_s = [], [], 0.0, 0.0
@@ -61,16 +62,17 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
                               variant=variant)
         expand_s += expanded.wall_s
         state = Path(expanded.state_dir)
+        folder = state.parent
         if method == "cmoe-compact":  # what a team running `cmoe compact` after every task would keep
             compacted = run_compact(cfg, state, step / "compact")
             removed.append(compacted.retired + compacted.merged)
-            shutil.rmtree(state.parent)
-            state = Path(compacted.state_dir)
+            shutil.rmtree(folder)
+            state = folder = Path(compacted.state_dir)  # its compact.json beside it stays
         report = run_evaluate(cfg, state, step / "eval", history)
         history.append(report.acc)
-        if parent is not None:  # keep only the newest state of the lineage on disk (and every compact.json)
-            shutil.rmtree(parent if parent.parent.name == "compact" else parent.parent)
-        parent = state
+        if spent is not None:
+            shutil.rmtree(spent)  # keep only the newest state of the lineage on disk
+        parent, spent = state, folder
     assert report is not None
     # Experts each task added (and compaction removed), and PGKE's price: probe wall time as a share
     # of the expansions'.
