@@ -51,10 +51,11 @@ def silent_port() -> Iterator[int]:
 
 
 # Long modules that build their own lineages and share only cheap session fixtures of their folder (a
-# local Prefect API, moto S3) with it: each is a unit of its own, so that their folder (a single
-# worker's work otherwise, ~700 s for tests/orchestration) does not end the run alone.
-OWN_UNITS = {"tests/orchestration/test_rehearsal_free.py", "tests/orchestration/test_retire.py",
-             "tests/orchestration/test_secrets_flow.py"}
+# local Prefect API, moto S3) with it: each is a unit of its own, so that their folder (one worker's
+# work otherwise: ~700 s for tests/orchestration; 380 s with the first three apart) does not end the
+# run alone.
+OWN_UNITS = {f"tests/orchestration/{name}.py" for name in (
+    "test_rehearsal_free", "test_retire", "test_secrets_flow", "test_compact_flow", "test_killed_stages")}
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
