@@ -1,18 +1,15 @@
-"""Train a tiny deterministic MLP with cmoe's trainer; run alone or under torchrun / deepspeed (test helper).
+"""Train a tiny deterministic MLP with cmoe's trainer under torchrun (test helper); the tests import
+its model, data and spec to run the same training in their own process.
 
-Writes the trainable tensors (rank 0) to --out as safetensors and the TrainResult to --out + ".json".
 --stop-at N raises from on_log at step N, leaving the checkpoints behind like a killed run would.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from cmoe.stages.trainer import GlobalBatch, TrainSpec, train
 
@@ -46,10 +43,16 @@ def loss_fn(engine: torch.nn.Module, batch: dict, glob: GlobalBatch) -> torch.Te
     return glob.share(torch.nn.functional.cross_entropy(engine(batch["x"]), batch["y"]), len(batch["y"]))
 
 
+def train_spec(seed: int = 0, config: str | None = None, checkpoint_dir: Path | None = None,
+               steps: int = 20, batch_size: int = 16, checkpoint_every: int = 5) -> TrainSpec:
+    """The script's run: the same spec whichever process trains it (a resume checks the fingerprint)."""
+    return TrainSpec(steps=steps, batch_size=batch_size, seed=seed, deepspeed_config=config,
+                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, log_every=1, desc="ddp-test")
+
+
 def main() -> None:
-    """Parse arguments, train, write the trainable weights and the result."""
+    """Parse arguments and train; --stop-at ends the run the way a crash would."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -67,14 +70,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model, data = build(args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    spec = TrainSpec(
-        steps=args.steps, batch_size=args.batch_size, seed=args.seed, deepspeed_config=args.config,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, log_every=1, desc="ddp-test",
-    )
-    result = train(model, params, data, collate, loss_fn, spec, on_log=on_log)
-    if torch.distributed.get_rank() == 0:
-        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, args.out)
-        Path(f"{args.out}.json").write_text(json.dumps(asdict(result)))
+    spec = train_spec(args.seed, args.config, args.checkpoint_dir, args.steps, args.batch_size, args.checkpoint_every)
+    train(model, params, data, collate, loss_fn, spec, on_log=on_log)
 
 
 if __name__ == "__main__":

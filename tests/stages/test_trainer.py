@@ -16,7 +16,7 @@ import torch
 from cmoe.net import free_port
 from cmoe.stages.trainer import GlobalBatch, TrainSpec, _epoch_order, _lr_factor, train
 
-from .ddp_train_script import build, collate, loss_fn
+from .ddp_train_script import build, collate, loss_fn, train_spec
 
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
 
@@ -206,13 +206,13 @@ def test_fails_fast_on_bad_input(tmp_path: Path) -> None:
         train(model, params[:1], data, collate, loss_fn, spec)
 
 
-def _two_processes(tmp_path: Path, out: str, *args: str) -> subprocess.CompletedProcess:
+def _two_processes(*args: str) -> subprocess.CompletedProcess:
     """Run the helper script under torchrun with two processes (ZeRO-2)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     # Drop the rank variables the in-process tests set: the child would join this process's group.
     dist_vars = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
     env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"OMP_NUM_THREADS": "1"}
-    cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path / out), "--config", "zero2", *args]
+    cmd = [*launcher, str(SCRIPT), "--config", "zero2", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -220,17 +220,16 @@ def _two_processes(tmp_path: Path, out: str, *args: str) -> subprocess.Completed
 def test_a_two_process_checkpoint_resumes_in_one_process_to_the_weights_of_one(tmp_path: Path) -> None:
     # Equal final weights need the two processes' first 10 steps to equal one process's: a whole
     # two-process run against one is tests/production/test_expand_multiprocess.py, through the stage.
-    # The one-process runs are this process's (the script's defaults: 20 steps of batch 16, seed 0).
-    spec = dict(steps=20, batch_size=16, seed=0, deepspeed_config="zero2", checkpoint_every=5, log_every=1)
+    # The one-process runs are this process's, with the script's spec.
     model, data = build(0)
-    run(model, data, TrainSpec(**spec))
+    run(model, data, train_spec(config="zero2"))
     expected = trainable(model)
     # ZeRO-2 with 2 processes, stopped after its step-10 checkpoint; one process finishes the run.
     ckpt = tmp_path / "ckpt"
-    stopped = _two_processes(tmp_path, "stopped.safetensors", "--checkpoint-dir", str(ckpt), "--stop-at", "12")
+    stopped = _two_processes("--checkpoint-dir", str(ckpt), "--stop-at", "12")
     assert stopped.returncode != 0 and (ckpt / "latest").read_text() == "step10", stopped.stderr[-3000:]
     model, data = build(0)
-    resumed = run(model, data, TrainSpec(**spec, checkpoint_dir=ckpt))
+    resumed = run(model, data, train_spec(config="zero2", checkpoint_dir=ckpt))
     assert (resumed.resumed_from_step, resumed.world_size) == (10, 1)
     for name, tensor in trainable(model).items():
         assert torch.allclose(tensor, expected[name], rtol=0, atol=1e-5), name
