@@ -4,10 +4,11 @@ rehearsal guard, old tasks only through their kept evaluation sets), encoding it
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import torch
 from torch import nn
@@ -66,26 +67,56 @@ def open_lineage(cfg: CmoeConfig, parent_state: Path | None, *, single_router: b
     return model.to(default_device()), processor
 
 
+class EncodedRows(Sequence[Encoded]):
+    """A task's rows, each encoded the first time it is read and kept from then on.
+
+    The probe reads only its steps' batches and its held-out slice (about two thirds of the rows on
+    coin-mini), so it pays for encoding only those; a full pass (the expansion, an evaluation)
+    encodes every row once, as eager encoding did.
+    """
+
+    def __init__(self, rows, spec: TaskSpec, processor: VLProcessor, *, with_answers: bool,  # noqa: ANN001 - a datasets.Dataset
+                 index: Sequence[int] | None = None, cache: dict[int, Encoded] | None = None) -> None:
+        self._rows, self._spec, self._processor, self._with_answers = rows, spec, processor, with_answers
+        self._index = range(len(rows)) if index is None else index  # position -> row of `rows`
+        self._cache = {} if cache is None else cache  # row of `rows` -> its encoding, shared by selections
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @overload
+    def __getitem__(self, i: int) -> Encoded: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Encoded]: ...
+    def __getitem__(self, i: int | slice) -> Encoded | list[Encoded]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        row = self._index[i]  # IndexError past the end, which also ends iteration
+        if row not in self._cache:
+            r = self._rows[row]
+            question = (self._spec.instruction or "{question}").format(question=r["question"])
+            self._cache[row] = self._processor.encode(r["image"], question, r["answer"] if self._with_answers else None)
+        return self._cache[row]
+
+    def select(self, positions: Sequence[int]) -> EncodedRows:
+        """The rows at `positions`, in that order, sharing this sequence's encodings (a split, not a copy)."""
+        return EncodedRows(self._rows, self._spec, self._processor, with_answers=self._with_answers,
+                           index=[self._index[p] for p in positions], cache=self._cache)
+
+
 @dataclass
 class TaskData:
-    """One task's rows, encoded once: tensors for training, raw rows for generation and scoring."""
+    """One task's rows: tensors for training (encoded on first use), reference answers for scoring."""
 
     spec: TaskSpec
-    encoded: list[Encoded]
-    images: list
-    questions: list[str]
+    encoded: EncodedRows
     answers: list[list[str]]
 
 
 def encode_rows(spec: TaskSpec, rows, processor: VLProcessor, *, with_answers: bool) -> TaskData:  # noqa: ANN001 - a datasets.Dataset
-    """Apply the task's instruction template to canonical rows and encode them."""
-    template = spec.instruction or "{question}"
-    questions = [template.format(question=q) for q in rows["question"]]
-    images = list(rows["image"])
-    answers = [list(a) for a in rows["answers"]]
-    encoded = [processor.encode(im, q, a if with_answers else None)
-               for im, q, a in zip(images, questions, rows["answer"])]
-    return TaskData(spec, encoded, images, questions, answers)
+    """The task's canonical rows under its instruction template, encoded as they are read."""
+    return TaskData(spec, EncodedRows(rows, spec, processor, with_answers=with_answers),
+                    [list(a) for a in rows["answers"]])
 
 
 def learned_train_splits(model: nn.Module) -> dict[str, str]:

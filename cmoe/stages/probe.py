@@ -38,9 +38,11 @@ from cmoe.stages.metrics import score
 from cmoe.stages.trainer import TrainResult, TrainSpec, train
 
 PROBE_FILE = "probe.safetensors"  # trained probes + router: the expansion's warm start
-# Held-out rows on which each earlier router's loss is compared (the start router's choice). A router
-# that fits the task stands out by nats, not hundredths (docs/method.md, choice 8): two batches tell.
-START_ROWS = 64
+# Held-out rows on which the earlier routers' losses are compared (the start router's choice): 32 per
+# candidate while the lineage is short, then START_ROWS_TOTAL shared among the candidates (at least
+# START_ROWS_MIN each), so the choice costs about the same at task 8 as at task 4. A router that fits
+# the task stands out by nats, not hundredths (docs/method.md, choice 8): one batch tells.
+START_ROWS_MAX, START_ROWS_MIN, START_ROWS_TOTAL = 32, 16, 128
 
 
 @dataclass
@@ -112,10 +114,9 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     torch.manual_seed(cfg.expand.seed)
     add_task(model, name)
     fit_idx, held_idx = split_holdout(len(data.encoded), cfg.probe.holdout_fraction, cfg.expand.seed)
-    fit = [data.encoded[i] for i in fit_idx]
-    held = [data.encoded[i] for i in held_idx]
+    fit, held = data.encoded.select(fit_idx), data.encoded.select(held_idx)  # encoded as the probe reads them
 
-    start, start_losses = start_router(model, processor, held[:START_ROWS], cfg.eval.batch_size)
+    start, start_losses = start_router(model, processor, held, cfg.eval.batch_size)
 
     def phase(steps: int, what: str) -> tuple[TrainResult, float, float]:
         """Train what is trainable now for `steps`; (training, held-out loss, held-out accuracy)."""
@@ -170,13 +171,20 @@ def start_router(model: torch.nn.Module, processor, held: list, batch_size: int)
     its held-out loss is lowest: a task the lineage knows starts where its skill is [8]. (start, losses)."""
     info = cmoe_info(model)
     name, losses = info.current_task, {}
+    sources = [BASE, *info.tasks[:-1]]
+    rows = held[:start_rows(len(sources))]
     with route(model, [name]):
-        for source in [BASE, *info.tasks[:-1]]:
+        for source in sources:
             restart_router(model, source)
-            losses[source] = heldout_loss(model, processor, held, batch_size)
+            losses[source] = heldout_loss(model, processor, rows, batch_size)
         best = min(losses, key=losses.__getitem__)
         restart_router(model, best)
     return best, losses
+
+
+def start_rows(candidates: int) -> int:
+    """Held-out rows each candidate start router is scored on: START_ROWS_TOTAL shared, within [MIN, MAX]."""
+    return max(START_ROWS_MIN, min(START_ROWS_MAX, START_ROWS_TOTAL // max(candidates, 1)))
 
 
 def heldout_accuracy(model: torch.nn.Module, processor, data: TaskData, idx: list[int], cfg: CmoeConfig) -> float:
