@@ -198,7 +198,7 @@ def results_markdown(results: dict) -> str:
         ["method", "Avg (MFN) %", "MFT %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added",
          "experts added", "experts removed", "probe cost", "wall s"],
         [[name, *(cell(m[k]) for k in ("avg_acc", "mft", "bwt", "forgetting", "maa", "locator_acc")),
-          f"{m['params_total']:,}", f"{sum(m['params_added']):,}", per_task(m["experts_added"]),
+          f"{m['params_total']:,.0f}", f"{sum(m['params_added']):,.0f}", per_task(m["experts_added"]),
           per_task(m.get("experts_removed")), cell(m["probe_cost"], ".0%"), f"{m['wall_s']:.0f}"]
          for name, m in methods])
     final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
@@ -207,8 +207,9 @@ def results_markdown(results: dict) -> str:
 
 
 def per_task(counts: list[float] | None) -> str:
-    """Experts per task, "2 / 1 / 0"; "0" when none were (results written before a count existed: none)."""
-    return " / ".join(f"{n:g}" for n in counts) if counts and any(counts) else "0"
+    """Experts per task, "2 / 1.3 / 0" (means over seeds to one decimal); "0" when none were (results
+    written before a count existed: none)."""
+    return " / ".join(f"{round(n, 1):g}" for n in counts) if counts and any(counts) else "0"
 
 
 def seeds_markdown(results: dict) -> str:

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cmoe.model.state import read_manifest
-from cmoe.stages.bench import METHODS, run_bench
+from cmoe.stages.bench import METHODS, _entry, mean_over_seeds, results_markdown, run_bench
 
 from .conftest import LEARNING, stage_config
 
@@ -194,6 +194,15 @@ def test_two_seeds_report_the_mean_and_range_of_each_summary(make_cfg, uris: lis
     assert entry["params_added"] == [(a + b) / 2 for a, b in zip(runs[0]["params_added"], runs[1]["params_added"])]
     md = (out / "results.md").read_text()
     assert "Means over seeds 0, 1" in md and sum(line.startswith("| seq-ft |") for line in md.splitlines()) == 3
+
+
+def test_means_over_seeds_print_counts_to_one_decimal_and_parameters_whole() -> None:
+    """Three seeds that added 1, 2 and 2 experts (and 1 345 000, 1 245 000, 1 345 000 parameters)."""
+    runs = [_entry([[50.0]], 100.0, 3_000_000 + p, [p], 0.0, experts_added=[n])
+            for n, p in ((1, 1_345_000), (2, 1_245_000), (2, 1_345_000))]
+    results = {"tasks": ["a"], "seeds": [0, 1, 2], "methods": {"cmoe": mean_over_seeds(runs)}}
+    row = next(line for line in results_markdown(results).splitlines() if line.startswith("| cmoe |"))
+    assert "| 4,311,667 | 1,311,667 | 1.7 |" in row
 
 
 def test_cli_bench_refuses_seeds_that_are_not_integers(tmp_path: Path) -> None:
