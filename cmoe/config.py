@@ -124,20 +124,13 @@ class ProbeConfig(_Section):
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)  # of the task's *training* split
     tau: float | None = Field(None, ge=0.0)  # fixed threshold; None = uniform share k / (E_l + 1)
     tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
-    # Where, bounded: the lineage's task experts stay within this share of naive expansion's (one per
-    # CMoE layer per task), rounded down; a task grows its highest-scoring layers within what the
-    # bound leaves (at least one expert), so a task the pool served leaves its share to a later one
-    # that needs more. The first task may grow half the layers (docs/method.md, choice 4).
+    # Where, bounded: at most this share of the CMoE layers grows per task (rounded down, at least
+    # one), the highest-scoring first, so a task adds at most half of what naive expansion adds.
     max_layer_share: float = Field(0.5, gt=0.0, le=1.0)
     # score >= ratio * tau adds 2 experts instead of 1; None = always 1. Off by default: on
     # coin-mini's tiny base most scores pass 2 * tau once the pool has grown (tau falls as experts
     # are added), and doubling then added more parameters than naive expansion (docs/method.md).
     double_expert_ratio: float | None = Field(None, gt=0.0)
-
-    def expert_bound(self, layers: int, tasks: int) -> int:
-        """Task experts a lineage of `tasks` tasks over `layers` CMoE layers may hold: max_layer_share
-        of naive expansion's one per layer per task, rounded down."""
-        return math.floor(self.max_layer_share * layers * tasks)
 
 
 class CompactConfig(_Section):

@@ -15,6 +15,7 @@ checked against measured peaks by `benchmarks/gpu_check.sh` when a GPU runs it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class ResourcePlan:
     image_tokens: int
     text_tokens: int
     per_expert: int  # parameters one added expert brings
-    experts_per_task: int  # the most experts one task may add (every layer; 2 each with double_expert_ratio)
+    experts_per_task: int  # the most experts one task may add (probe.max_layer_share, double_expert_ratio)
     base_dtype: str = "float32"  # how the stages load the frozen base (base.dtype)
     gradient_checkpointing: bool = False  # the probe's and the expansion's (expand.gradient_checkpointing)
     stages: list[StagePlan] = field(default_factory=list)
@@ -198,9 +199,9 @@ def plan_resources(
     convert_to_cmoe(model, cfg.moe)
     layers = cmoe_layers(model)
     per_expert = _numel(next(iter(layers.values())).experts[0])
-    for t in range(learned_tasks):  # the earlier tasks, frozen now: together the most the lineage's bound allows
+    for t in range(learned_tasks):  # each earlier task grew the most a plan allows; all of it frozen now
         add_task(model, f"task{t}")
-        grow(model, max(1, cfg.probe.expert_bound(len(layers), t + 1) - cfg.probe.expert_bound(len(layers), t)))
+        grow_most(model, cfg.probe)
         model.requires_grad_(False)
     add_task(model, "next")
     attach_probes(model, source=0)  # the probe phase trains more than the router-only phase before it
@@ -216,18 +217,15 @@ def plan_resources(
 
 
 def grow_most(model: nn.Module, probe: ProbeConfig) -> int:
-    """Grow the current task as much as a PGKE plan may: every CMoE layer, 1 expert each, 2 with
-    `double_expert_ratio` (a task after others that grew less may use the share they left); experts added."""
-    n = len(cmoe_layers(model)) * (1 if probe.double_expert_ratio is None else 2)
-    grow(model, n)
-    return n
-
-
-def grow(model: nn.Module, experts: int) -> None:
-    """Add `experts` experts to the current task, one CMoE layer after another (all are the same size)."""
+    """Grow the current task as much as a PGKE plan may (`probe.max_layer_share` of the CMoE layers, 1
+    expert each, 2 with `double_expert_ratio`; all layers' experts are the same size); experts added."""
     layers = list(cmoe_layers(model))
-    for j in range(experts):
-        add_expert(model, layers[j % len(layers)], init="copy")
+    per_layer = 1 if probe.double_expert_ratio is None else 2
+    chosen = layers[: max(1, math.floor(probe.max_layer_share * len(layers)))]
+    for i in chosen:
+        for _ in range(per_layer):
+            add_expert(model, i, init="copy")
+    return len(chosen) * per_layer
 
 
 def model_flops_per_sample(model: nn.Module, seq_len: int) -> float:

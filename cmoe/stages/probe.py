@@ -8,9 +8,8 @@ steps more. If the probes raise the held-out accuracy by less
 than `probe.min_gain` points and lower its answer loss by less than `probe.min_loss_drop` nats, the
 task is one the pool already serves: the plan is empty and the expansion trains its router only. Where: on the held-out slice of the same *training* split, each
 layer is scored by the share of tokens whose top-k includes the probe; the layers with score >=
-tau_l grow, the highest scores first, and at least the best-scoring one, within the lineage's bound:
-its task experts stay within `probe.max_layer_share` of naive expansion's (one per CMoE layer per
-task), so what earlier tasks did not need is left for a later one that needs more.
+tau_l grow, the highest scores first, at most `probe.max_layer_share` of the layers, and at least
+the best-scoring one.
 """
 
 from __future__ import annotations
@@ -80,37 +79,19 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
     return tau * cfg.probe.tau_scale
 
 
-def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0,
-              allowance: int | None = None) -> dict[int, int]:
+def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0) -> dict[int, int]:
     """No layer when the probes' accuracy gain (points) is below min_gain and their loss drop (nats)
     below min_loss_drop: the pool serves the task. Else the layers whose score reaches tau, the
-    highest first, 1 expert each (2 when >= ratio * tau), at most `allowance` experts in all
-    (`growth_allowance`; None: a first task's, max_layer_share of the layers), and at least the
-    best layer's one (the task needs growth somewhere)."""
+    highest first, at most max_layer_share of them, and at least the best one (the task needs growth
+    somewhere); 1 expert each (2 when >= ratio * tau)."""
     if gain < cfg.probe.min_gain and loss_drop < cfg.probe.min_loss_drop:
         return {}
-    if allowance is None:
-        allowance = cfg.probe.expert_bound(len(scores), tasks=1)
     ranked = sorted(((s["share"], layer) for layer, s in scores.items()), reverse=True)
     chosen = [(share, layer) for share, layer in ranked if share >= scores[layer]["tau"]] or ranked[:1]
+    chosen = chosen[: max(1, math.floor(cfg.probe.max_layer_share * len(scores)))]
     ratio = cfg.probe.double_expert_ratio
-    plan: dict[int, int] = {}
-    left = max(1, allowance)
-    for share, layer in chosen:
-        n = min(left, 2 if ratio is not None and share >= ratio * scores[layer]["tau"] else 1)
-        if n == 0:
-            break
-        plan[layer], left = n, left - n
-    return plan
-
-
-def growth_allowance(cfg: CmoeConfig, model: torch.nn.Module) -> int:
-    """Experts the current task may add under the lineage's bound: all its tasks' experts together
-    stay within `probe.max_layer_share` of naive expansion's (one per CMoE layer per task, this one
-    included), so what earlier tasks left unused (a task the pool served adds none) is this one's."""
-    layers = cmoe_layers(model)
-    held = sum(origin != BASE for layer in layers.values() for origin in layer.expert_origin)
-    return cfg.probe.expert_bound(len(layers), len(cmoe_info(model).tasks)) - held
+    return {layer: 2 if ratio is not None and share >= ratio * scores[layer]["tau"] else 1
+            for share, layer in chosen}
 
 
 def expert_size(model: torch.nn.Module) -> int:
@@ -164,7 +145,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
                   "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
     # A layer at moe.max_experts_per_layer grows only by the room its compaction made (cmoe.stages.compact).
-    plan = cap_plan(make_plan(cfg, scores, gain, loss_pool - loss_probes, growth_allowance(cfg, model)), room(cfg, model))
+    plan = cap_plan(make_plan(cfg, scores, gain, loss_pool - loss_probes), room(cfg, model))
     per_expert = expert_size(model)
     params_to_add = sum(plan.values()) * per_expert
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from cmoe.config import CmoeConfig
-from cmoe.model.cmoe_layer import CMoELayer, add_task, cmoe_layers
+from cmoe.model.cmoe_layer import CMoELayer, cmoe_layers
 from cmoe.stages.common import StageError, open_lineage
-from cmoe.stages.probe import ProbeReport, expert_size, growth_allowance, make_plan, run_probe, threshold
+from cmoe.stages.probe import ProbeReport, expert_size, make_plan, run_probe, threshold
 
 from .conftest import Lineage, tree_digest
 
@@ -189,10 +189,9 @@ def test_a_large_loss_drop_grows_the_task_even_without_an_accuracy_gain(make_cfg
 
 def test_one_expert_at_tau_and_two_at_the_double_ratio(make_cfg) -> None:
     uncapped = {**ALL_LAYERS, "double_expert_ratio": 2.0}
-    plan = make_plan(make_cfg(probe=uncapped), scores(0.25, 0.49, 0.5, 0.9, 0.2), GAIN, allowance=10)
+    plan = make_plan(make_cfg(probe=uncapped), scores(0.25, 0.49, 0.5, 0.9, 0.2), GAIN)
     assert plan == {0: 1, 1: 1, 2: 2, 3: 2}
-    assert make_plan(make_cfg(probe={**uncapped, "double_expert_ratio": 3.0}), scores(0.5, 0.75), GAIN,
-                     allowance=10) == {0: 1, 1: 2}
+    assert make_plan(make_cfg(probe={**uncapped, "double_expert_ratio": 3.0}), scores(0.5, 0.75), GAIN) == {0: 1, 1: 2}
 
 
 def test_every_layer_at_tau_gets_exactly_one_expert_when_uncapped(make_cfg) -> None:
@@ -211,30 +210,7 @@ def test_at_most_the_layer_share_grows_the_highest_scores_first(make_cfg) -> Non
     assert make_plan(make_cfg(probe={"max_layer_share": 0.1}), scores(0.3, 0.8), GAIN) == {1: 1}  # at least one
 
 
-def test_the_bound_counts_experts_so_a_doubled_layer_uses_two(make_cfg) -> None:
-    # 0.4 of five layers: two experts, both in the best layer (0.8 >= 2 x tau)
+def test_the_layer_cap_keeps_the_highest_scores_with_doubling(make_cfg) -> None:
     plan = make_plan(make_cfg(probe={"max_layer_share": 0.4, "double_expert_ratio": 2.0}),
                      scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN)
-    assert plan == {1: 2}
-
-
-def test_a_task_grows_into_the_room_earlier_tasks_left(make_cfg) -> None:
-    # four layers reach tau; the first task's half would be two, what earlier tasks left is four
-    assert make_plan(make_cfg(), scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN, allowance=4) == {1: 1, 4: 1, 3: 1, 0: 1}
-    assert make_plan(make_cfg(), scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN, allowance=3) == {1: 1, 4: 1, 3: 1}
-
-
-def test_a_lineage_at_its_bound_still_grows_the_best_layer_of_a_task_that_needs_it(make_cfg) -> None:
-    assert make_plan(make_cfg(), scores(0.3, 0.8), GAIN, allowance=0) == {1: 1}
-    served = make_cfg(probe={"min_gain": 5.0})
-    assert make_plan(served, scores(0.3, 0.8), gain=0.0, allowance=5) == {}  # the pool serves it: none
-
-
-def test_the_allowance_is_the_lineage_bound_less_the_task_experts_it_holds(lineage: Lineage) -> None:
-    # the fixture lineage holds 3 task experts (PLANS) over the tiny base's 2 CMoE layers; a third
-    # task under share 0.5 may hold floor(0.5 x 2 x 3) = 3 in all, so it has none left; under 1.0, 3
-    model, _ = open_lineage(lineage.cfg, lineage.state(1))
-    add_task(model, "third")
-    for share, left in ((0.5, 0), (1.0, 3)):
-        cfg = lineage.cfg.model_copy(update={"probe": lineage.cfg.probe.model_copy(update={"max_layer_share": share})})
-        assert growth_allowance(cfg, model) == left
+    assert plan == {1: 2, 4: 2}
