@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from cmoe.model.cmoe_layer import (
     trainable_parameters,
 )
 from cmoe.model.inference import decode, device_of
-from cmoe.model.processor import IGNORE
+from cmoe.model.processor import IGNORE, Encoded
 from cmoe.model.routing import route
 from cmoe.stages.common import TaskData, load_train, moe_loss, open_lineage, split_holdout
 from cmoe.stages.compact import cap_plan, room
@@ -166,7 +166,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
     return report
 
 
-def start_router(model: torch.nn.Module, processor, held: list, batch_size: int) -> tuple[str, dict[str, float]]:
+def start_router(model: torch.nn.Module, processor, held: Sequence[Encoded], batch_size: int) -> tuple[str, dict[str, float]]:
     """Start the new task's router from the earlier router (each task's, and the base's) under which
     its held-out loss is lowest: a task the lineage knows starts where its skill is [8]. (start, losses)."""
     info = cmoe_info(model)
@@ -184,7 +184,7 @@ def start_router(model: torch.nn.Module, processor, held: list, batch_size: int)
 
 def start_rows(candidates: int) -> int:
     """Held-out rows each candidate start router is scored on: START_ROWS_TOTAL shared, within [MIN, MAX]."""
-    return max(START_ROWS_MIN, min(START_ROWS_MAX, START_ROWS_TOTAL // max(candidates, 1)))
+    return max(START_ROWS_MIN, min(START_ROWS_MAX, START_ROWS_TOTAL // candidates))
 
 
 def heldout_accuracy(model: torch.nn.Module, processor, data: TaskData, idx: list[int], cfg: CmoeConfig) -> float:
