@@ -127,6 +127,11 @@ class ProbeConfig(_Section):
     # Where, bounded: at most this share of the CMoE layers grows per task (rounded down, at least
     # one), the highest-scoring first, so a task adds at most half of what naive expansion adds.
     max_layer_share: float = Field(0.5, gt=0.0, le=1.0)
+    # ... and a task that grows takes at least this share (rounded down, at least one): when fewer
+    # layers reach tau, the next-highest scores fill up. One layer instead of two cost coin-mini's
+    # read-letter 8 points (45.5 against 53.5 %, docs/method.md, 4); 0 = only the layers at tau (and
+    # the best one). max_layer_share caps it: a smaller max alone lowers both.
+    min_layer_share: float = Field(0.5, ge=0.0, le=1.0)
     # score >= ratio * tau adds 2 experts instead of 1; None = always 1. Off by default: on
     # coin-mini's tiny base most scores pass 2 * tau once the pool has grown (tau falls as experts
     # are added), and doubling then added more parameters than naive expansion (docs/method.md).

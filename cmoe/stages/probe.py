@@ -82,13 +82,16 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
 def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0) -> dict[int, int]:
     """No layer when the probes' accuracy gain (points) is below min_gain and their loss drop (nats)
     below min_loss_drop: the pool serves the task. Else the layers whose score reaches tau, the
-    highest first, at most max_layer_share of them, and at least the best one (the task needs growth
-    somewhere); 1 expert each (2 when >= ratio * tau)."""
+    highest first, at most max_layer_share of them, and at least min_layer_share of them (and at
+    least the best one: the task needs growth somewhere), the next-highest scores filling up; 1
+    expert each (2 when >= ratio * tau)."""
     if gain < cfg.probe.min_gain and loss_drop < cfg.probe.min_loss_drop:
         return {}
+    most = max(1, math.floor(cfg.probe.max_layer_share * len(scores)))
+    least = min(most, max(1, math.floor(cfg.probe.min_layer_share * len(scores))))
     ranked = sorted(((s["share"], layer) for layer, s in scores.items()), reverse=True)
-    chosen = [(share, layer) for share, layer in ranked if share >= scores[layer]["tau"]] or ranked[:1]
-    chosen = chosen[: max(1, math.floor(cfg.probe.max_layer_share * len(scores)))]
+    chosen = [(share, layer) for share, layer in ranked if share >= scores[layer]["tau"]][:most]
+    chosen += [r for r in ranked if r not in chosen][: max(0, least - len(chosen))]
     ratio = cfg.probe.double_expert_ratio
     return {layer: 2 if ratio is not None and share >= ratio * scores[layer]["tau"] else 1
             for share, layer in chosen}

@@ -210,6 +210,23 @@ def test_at_most_the_layer_share_grows_the_highest_scores_first(make_cfg) -> Non
     assert make_plan(make_cfg(probe={"max_layer_share": 0.1}), scores(0.3, 0.8), GAIN) == {1: 1}  # at least one
 
 
+def test_a_growing_task_fills_up_to_min_layer_share_with_the_next_highest_scores(make_cfg) -> None:
+    # four layers, one at tau: half of four is two, so the next-highest share (layer 2) grows too
+    shares = scores(0.1, 0.5, 0.2, 0.05, tau=0.4)
+    assert make_plan(make_cfg(probe={"max_layer_share": 0.5, "min_layer_share": 0.5}), shares, GAIN) == {1: 1, 2: 1}
+    assert make_plan(make_cfg(probe={"max_layer_share": 0.5, "min_layer_share": 0.0}), shares, GAIN) == {1: 1}
+
+
+def test_min_layer_share_never_grows_a_task_the_pool_serves(make_cfg) -> None:
+    cfg = make_cfg(probe={"max_layer_share": 1.0, "min_layer_share": 1.0, "min_gain": 2.0})
+    assert make_plan(cfg, scores(0.9, 0.8), gain=1.0) == {}
+
+
+def test_max_layer_share_caps_min_layer_share(make_cfg) -> None:
+    shares = scores(0.1, 0.5, 0.2, 0.05, tau=0.4)
+    assert make_plan(make_cfg(probe={"max_layer_share": 0.25, "min_layer_share": 1.0}), shares, GAIN) == {1: 1}
+
+
 def test_the_layer_cap_keeps_the_highest_scores_with_doubling(make_cfg) -> None:
     plan = make_plan(make_cfg(probe={"max_layer_share": 0.4, "double_expert_ratio": 2.0}),
                      scores(0.3, 0.8, 0.1, 0.4, 0.6), GAIN)
