@@ -4,12 +4,14 @@ When: task t's new router starts from the earlier router that fits the task best
 loss) and trains alone over the experts the lineage has, for a few steps; its held-out accuracy is
 what the existing pool can do for the task. Then a temporary probe expert (a trainable copy of the
 layer's most-used expert) is attached to every CMoE layer and trained, with the router, for a few
-steps more. If the probes raise the held-out accuracy by less
-than `probe.min_gain` points and lower its answer loss by less than `probe.min_loss_drop` nats, the
-task is one the pool already serves: the plan is empty and the expansion trains its router only. Where: on the held-out slice of the same *training* split, each
-layer is scored by the share of tokens whose top-k includes the probe; the layers with score >=
-tau_l grow, the highest scores first, at most `probe.max_layer_share` of the layers, and at least
-the best-scoring one.
+steps more. If the probes raise the held-out accuracy by less than `probe.min_gain` points and
+lower its answer loss by less than `probe.min_loss_drop` nats, the task is one the pool already
+serves: the plan is empty and the expansion trains its router only.
+
+Where: on the held-out slice of the same *training* split, each layer is scored by the share of
+tokens whose top-k includes the probe; the layers with score >= tau_l grow, the highest scores
+first, at most `probe.max_layer_share` of the layers and at least `probe.min_layer_share` of them
+(the next-highest scores fill up), and always the best-scoring one.
 """
 
 from __future__ import annotations
