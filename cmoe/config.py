@@ -125,7 +125,8 @@ class ProbeConfig(_Section):
     tau: float | None = Field(None, ge=0.0)  # fixed threshold; None = uniform share k / (E_l + 1)
     tau_scale: float = Field(1.0, gt=0.0)  # multiplies tau (for sweeps)
     # Where, bounded: at most this share of the CMoE layers grows per task (rounded down, at least
-    # one), the highest-scoring first, so a task adds at most half of what naive expansion adds.
+    # one), the highest-scoring first, so a task adds at most half of naive expansion's experts (its
+    # router and locator VAE come on top on both sides: 54 % of naive's parameters on the default base).
     max_layer_share: float = Field(0.5, gt=0.0, le=1.0)
     # ... and a task that grows takes at least this share (rounded down, at least one): when fewer
     # layers reach tau, the next-highest scores fill up. One layer instead of two cost coin-mini's
