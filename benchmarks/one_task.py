@@ -7,9 +7,11 @@ then the task itself is trained once per variant and epoch count, each from the 
 - `experts`: what cmoe does, the probe's plan of new experts and the task's router;
 - `lora`: no new expert; a rank-`--rank` delta (LoRA, B zero-initialised) on the three projections
   of every expert the lineage has, trained with the task's router. An experiment only: the state
-  format, the forward and the locator know no such delta, so it is evaluated in memory.
+  format, the forward and the locator know no such delta, so it is evaluated in memory;
+- `finetune`: every expert of the lineage trains for this task, overwriting what earlier tasks
+  learned (no method: what joint training may change, given to one task; also in memory).
 Printed: accuracy on the task's test rows (locator routing), the mean training loss of the last
-10 % of steps, the parameters the variant adds (its router trains in both and is not counted).
+10 % of steps, the parameters the variant adds or changes (its router trains in every variant, not counted).
 The measurement behind docs/method.md, choice 7.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from torch import nn
 from cmoe.config import CmoeConfig, load_config
 from cmoe.data.synth import synth_suite
 from cmoe.data.validate import ValidatedBundle, open_bundle
-from cmoe.model.cmoe_layer import add_task, cmoe_layers
+from cmoe.model.cmoe_layer import add_task, cmoe_layers, train_all_experts
 from cmoe.model.routing import route
 from cmoe.stages.bench import bundles_in
 from cmoe.stages.common import keep_task_eval_set, load_train, moe_loss, open_lineage, task_eval_set
@@ -71,13 +74,8 @@ def with_experts(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, 
     return report.acc[bundle.name], result.train["mean_loss_last_10pct"], result.params_added
 
 
-def with_delta(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, rank: int,
-               out: Path) -> tuple[float, float, int]:
-    """A rank-`rank` delta on every expert plus the task's router, trained and evaluated in memory."""
-    model, processor = open_lineage(cfg, parent)
-    data = load_train(cfg, bundle, model, processor)
-    torch.manual_seed(cfg.expand.seed)
-    add_task(model, bundle.name)
+def add_delta(model: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Wrap every linear of every expert in a rank-`rank` delta; the deltas' parameters."""
     params: list[nn.Parameter] = []
     for layer in cmoe_layers(model).values():
         for expert in layer.experts:
@@ -86,7 +84,24 @@ def with_delta(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, ra
                     delta = LowRankDelta(child, rank)
                     setattr(expert, name, delta)
                     params += [delta.a, delta.b]
-    added = sum(p.numel() for p in params)  # the delta; the router trains in both variants
+    return params
+
+
+def unfreeze_experts(model: nn.Module) -> list[nn.Parameter]:
+    """Let every expert train (what joint training changes, here for one task only); their parameters."""
+    train_all_experts(model)
+    return [p for layer in cmoe_layers(model).values() for p in layer.experts.parameters()]
+
+
+def in_memory(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, out: Path,
+              change: Callable[[nn.Module], list[nn.Parameter]]) -> tuple[float, float, int]:
+    """Train what `change` makes trainable plus the task's router, then evaluate, all in memory."""
+    model, processor = open_lineage(cfg, parent)
+    data = load_train(cfg, bundle, model, processor)
+    torch.manual_seed(cfg.expand.seed)
+    add_task(model, bundle.name)
+    params = change(model)
+    changed = sum(p.numel() for p in params)  # the router trains in every variant: not counted
     params += [layer.routers[-1] for layer in cmoe_layers(model).values()]
     spec = dataclasses.replace(expansion_spec(cfg, bundle.name, out), checkpoint_dir=None)
     with route(model, [bundle.name]):
@@ -96,14 +111,14 @@ def with_delta(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, ra
     model.requires_grad_(False)
     fit_locator(model, processor, data, cfg)
     report = evaluate_model(cfg, model, processor, [task_eval_set(cfg, bundle)], out / "eval", [])
-    return report.acc[bundle.name], result.mean_loss_last_10pct, added
+    return report.acc[bundle.name], result.mean_loss_last_10pct, changed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="read-letter", help="the coin-mini task under study")
     parser.add_argument("--epochs", default="8,16", help="expansion epochs to try, comma-separated")
-    parser.add_argument("--variants", default="experts,lora", help="experts, lora, or both")
+    parser.add_argument("--variants", default="experts,lora", help="comma-separated: experts, lora, finetune")
     parser.add_argument("--rank", type=int, default=8, help="rank of the lora variant's delta")
     parser.add_argument("--config", type=Path, default=None, help="a cmoe config file (default: the defaults)")
     parser.add_argument("--work", type=Path, default=Path("runs/one-task"))
@@ -117,21 +132,24 @@ def main() -> None:
     if args.task not in names or names.index(args.task) == 0:
         raise SystemExit(f"--task: choose one of {', '.join(names[1:])} (a task with a lineage before it)")
     variants = args.variants.split(",")
-    if unknown := [v for v in variants if v not in ("experts", "lora")]:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from experts, lora")
+    if unknown := [v for v in variants if v not in ("experts", "lora", "finetune")]:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from experts, lora, finetune")
     i = names.index(args.task)
     bundle, parent = bundles[i], lineage(cfg, bundles[:i], args.work)
     plan = run_probe(cfg, bundle, parent, args.work / args.task / "probe")
     print(f"{args.task} over {', '.join(names[:i])}; the probe's plan: {plan.plan}")
-    print("| variant | epochs | accuracy % | loss, last 10 % of steps | new parameters (experts or delta) |")
+    print("| variant | epochs | accuracy % | loss, last 10 % of steps | parameters added or changed |")
     print("|---|---|---|---|---|")
     for epochs in [int(e) for e in args.epochs.split(",")]:
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.expand.epochs = epochs
         for variant in variants:
             out = args.work / args.task / f"{variant}-{epochs}"
-            acc, loss, n = (with_experts(run_cfg, bundle, parent, plan, out) if variant == "experts"
-                            else with_delta(run_cfg, bundle, parent, args.rank, out))
+            if variant == "experts":
+                acc, loss, n = with_experts(run_cfg, bundle, parent, plan, out)
+            else:
+                change = unfreeze_experts if variant == "finetune" else lambda m: add_delta(m, args.rank)
+                acc, loss, n = in_memory(run_cfg, bundle, parent, out, change)
             print(f"| {variant} | {epochs} | {acc:.1f} | {loss:.3f} | {n:,} |", flush=True)
 
 
