@@ -11,7 +11,8 @@ then the task itself is trained once per variant and epoch count, each from the 
 - `finetune`: every expert of the lineage trains for this task, overwriting what earlier tasks
   learned (no method: what joint training may change, given to one task; also in memory).
 Printed: accuracy on the task's test rows (locator routing), the mean training loss of the last
-10 % of steps, the parameters the variant adds or changes (its router trains in every variant, not counted).
+10 % of steps, the parameters the variant adds or changes (its router trains in every variant and
+is not counted).
 The measurement behind docs/method.md, choice 7.
 """
 
@@ -52,7 +53,7 @@ class LowRankDelta(nn.Module):
 
 
 def lineage(cfg: CmoeConfig, bundles: list[ValidatedBundle], work: Path) -> Path | None:
-    """Learn `bundles` in order with cmoe's defaults (reused when already in `work`); the last state."""
+    """Learn `bundles` in order as cmoe does, under `cfg` (reused when already in `work`); the last state."""
     parent = None
     for i, bundle in enumerate(bundles):
         step = work / "lineage" / f"{i + 1:02d}-{bundle.name}"
