@@ -2,12 +2,15 @@
 
     python -m benchmarks.one_task --task read-letter --epochs 8,16,32 --work runs/one-task
 
-The tasks before `--task` are learned as cmoe learns them (probe + expansion, cached in `--work`),
-then the task itself is trained once per variant and epoch count, each from the same lineage:
-- `experts`: what cmoe does, the probe's plan of new experts and the task's router;
+The tasks before `--task` are learned as cmoe learns them under `--config` (probe + expansion,
+cached in `--work`), then the task itself is trained once per variant, epoch count and learning rate,
+each from the same lineage:
+- `experts`: the probe's plan grown as new experts (`expand.growth: experts`) and the task's router;
+- `delta`: the probe's plan grown as cmoe's delta of the base experts (`expand.growth: delta`);
 - `lora`: no new expert; a rank-`--rank` delta (LoRA, B zero-initialised) on the three projections
-  of every expert the lineage has, trained with the task's router. An experiment only: the state
-  format, the forward and the locator know no such delta, so it is evaluated in memory;
+  of every expert the lineage has, task experts too, in every layer, trained with the task's
+  router, evaluated in memory (the experiment that led to `delta`);
+- `lora-plan`: the same delta on the experts of the probe's planned layers only;
 - `finetune`: every expert of the lineage trains for this task, overwriting what earlier tasks
   learned (no method: what joint training may change, given to one task; also in memory).
 Printed: accuracy on the task's test rows (locator routing), the mean training loss of the last
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +41,9 @@ from cmoe.stages.evaluate import evaluate_model, run_evaluate
 from cmoe.stages.expand import expansion_spec, fit_locator, run_expand
 from cmoe.stages.probe import ProbeReport, run_probe
 from cmoe.stages.trainer import train
+
+
+VARIANTS = ("experts", "delta", "lora", "lora-plan", "finetune")
 
 
 class LowRankDelta(nn.Module):
@@ -66,8 +73,8 @@ def lineage(cfg: CmoeConfig, bundles: list[ValidatedBundle], work: Path) -> Path
     return parent
 
 
-def with_experts(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, plan: ProbeReport,
-                 out: Path) -> tuple[float, float, int]:
+def with_plan(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, plan: ProbeReport,
+              out: Path) -> tuple[float, float, int]:
     """cmoe's expansion of `bundle` by the probe's `plan`: (accuracy %, final loss, new parameters)."""
     kept = keep_task_eval_set(cfg, bundle, str(out.parent / "evalsets"))
     result = run_expand(cfg, bundle, parent, plan, out / "expand", eval_set=kept, copy_base=False)
@@ -75,10 +82,12 @@ def with_experts(cfg: CmoeConfig, bundle: ValidatedBundle, parent: Path | None, 
     return report.acc[bundle.name], result.train["mean_loss_last_10pct"], result.params_added
 
 
-def add_delta(model: nn.Module, rank: int) -> list[nn.Parameter]:
-    """Wrap every linear of every expert in a rank-`rank` delta; the deltas' parameters."""
+def add_delta(model: nn.Module, rank: int, layers: set[int] | None = None) -> list[nn.Parameter]:
+    """Wrap every linear of every expert (of `layers`; default all) in a rank-`rank` delta; its parameters."""
     params: list[nn.Parameter] = []
-    for layer in cmoe_layers(model).values():
+    for i, layer in cmoe_layers(model).items():
+        if layers is not None and i not in layers:
+            continue
         for expert in layer.experts:
             for name, child in list(expert.named_children()):
                 if isinstance(child, nn.Linear):
@@ -119,8 +128,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="read-letter", help="the coin-mini task under study")
     parser.add_argument("--epochs", default="8,16", help="expansion epochs to try, comma-separated")
-    parser.add_argument("--variants", default="experts,lora", help="comma-separated: experts, lora, finetune")
+    parser.add_argument("--variants", default="experts,lora", help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--rank", type=int, default=8, help="rank of the lora variant's delta")
+    parser.add_argument("--lr", default=None, help="expansion learning rates to try, comma-separated "
+                        "(default: the config's expand.lr, expand.delta_lr for delta); not the lineage's")
     parser.add_argument("--config", type=Path, default=None, help="a cmoe config file (default: the defaults)")
     parser.add_argument("--work", type=Path, default=Path("runs/one-task"))
     args = parser.parse_args()
@@ -133,25 +144,30 @@ def main() -> None:
     if args.task not in names or names.index(args.task) == 0:
         raise SystemExit(f"--task: choose one of {', '.join(names[1:])} (a task with a lineage before it)")
     variants = args.variants.split(",")
-    if unknown := [v for v in variants if v not in ("experts", "lora", "finetune")]:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from experts, lora, finetune")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     i = names.index(args.task)
     bundle, parent = bundles[i], lineage(cfg, bundles[:i], args.work)
     plan = run_probe(cfg, bundle, parent, args.work / args.task / "probe")
     print(f"{args.task} over {', '.join(names[:i])}; the probe's plan: {plan.plan}")
-    print("| variant | epochs | accuracy % | loss, last 10 % of steps | parameters added or changed |")
-    print("|---|---|---|---|---|")
-    for epochs in [int(e) for e in args.epochs.split(",")]:
+    rates = [float(r) for r in args.lr.split(",")] if args.lr else [None]
+    print("| variant | epochs | lr | accuracy % | loss, last 10 % of steps | parameters added or changed |")
+    print("|---|---|---|---|---|---|")
+    for epochs, lr, variant in itertools.product([int(e) for e in args.epochs.split(",")], rates, variants):
         run_cfg = cfg.model_copy(deep=True)
         run_cfg.expand.epochs = epochs
-        for variant in variants:
-            out = args.work / args.task / f"{variant}-{epochs}"
-            if variant == "experts":
-                acc, loss, n = with_experts(run_cfg, bundle, parent, plan, out)
-            else:
-                change = unfreeze_experts if variant == "finetune" else lambda m: add_delta(m, args.rank)
-                acc, loss, n = in_memory(run_cfg, bundle, parent, out, change)
-            print(f"| {variant} | {epochs} | {acc:.1f} | {loss:.3f} | {n:,} |", flush=True)
+        if lr is not None:  # the rate of whatever trains: a delta's (expand.delta_lr) or the rest's
+            run_cfg.expand.lr = run_cfg.expand.delta_lr = lr
+        lr = run_cfg.expand.delta_lr if variant == "delta" else run_cfg.expand.lr
+        out = args.work / args.task / f"{variant}-{epochs}-{lr:g}"
+        if variant in ("experts", "delta"):
+            run_cfg.expand.growth = variant
+            acc, loss, n = with_plan(run_cfg, bundle, parent, dataclasses.replace(plan, growth=variant), out)
+        else:
+            where = {int(k) for k in plan.plan} if variant == "lora-plan" else None
+            change = unfreeze_experts if variant == "finetune" else lambda m: add_delta(m, args.rank, where)
+            acc, loss, n = in_memory(run_cfg, bundle, parent, out, change)
+        print(f"| {variant} | {epochs} | {lr:g} | {acc:.1f} | {loss:.3f} | {n:,} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,14 @@ class ExpandConfig(_Section):
     epochs: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(32, ge=1)
+    # What a task that grows adds in each layer its probe picked (docs/method.md, 5b). "delta": a
+    # rank-`delta_rank` change W + BA of every base expert there, applied to that task's tokens only
+    # and trained with its router at `delta_lr` (on read-letter, at the parameters of two experts,
+    # 1e-3 gave 59.5 %, 2e-3 to 5e-3 69.5-68.5 %, 1e-2 diverged; two new experts 50.5 %). "experts":
+    # the paper's new experts, warm-started from the trained probes, trained at `lr` (3e-3 lost 3 points).
+    growth: Literal["delta", "experts"] = "delta"
+    delta_rank: int = Field(8, ge=1)
+    delta_lr: float = Field(3e-3, gt=0.0)
     # A JSON path, a file name in infra/deepspeed/, or "zeroN": the CPU fp32 or GPU bf16 variant by device.
     deepspeed_config: str = "zero0"
     checkpoint_every: int = Field(50, ge=1)  # steps between resume checkpoints

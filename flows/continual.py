@@ -205,7 +205,7 @@ def probe(cfg: CmoeConfig, bundle: ValidatedBundle, champion: Champion | None, r
     create_table_artifact(
         key="cmoe-probe",
         table=[{"layer": layer, "share": s.get("share"), "mass": s.get("mass"),
-                "experts_to_add": report.plan.get(layer, 0)}
+                "grows": _growth(report, layer)}
                for layer, s in sorted(report.scores.items(), key=lambda item: int(item[0]))],
         description=f"PGKE probe of **{report.task}** (tau = {report.tau:.3f}): {_plan_line(report)}",
     )
@@ -432,8 +432,15 @@ def release(cfg: CmoeConfig, bundle: ValidatedBundle, registry: Registry, *, ver
 
 
 # ---------------------------------------------------------------------------- reports
+def _growth(plan: ProbeReport, layer: str) -> str:
+    """What `plan` grows in `layer`: "delta", "+N experts" or "-"."""
+    n = plan.plan.get(layer, 0)
+    return "-" if not n else "delta" if plan.growth == "delta" else f"+{n} expert{'s' * (n > 1)}"
+
+
 def _plan_line(plan: ProbeReport) -> str:
-    layers = ", ".join(f"layer {layer} +{n}" for layer, n in sorted(plan.plan.items()) if n) or "no new experts"
+    layers = ", ".join(f"layer {layer} {_growth(plan, layer)}" for layer in sorted(plan.plan, key=int)
+                       if plan.plan[layer]) or "nothing to grow"
     return f"{layers}; {plan.params_to_add:,} params to add, about {plan.est_train_s:.0f} s of training"
 
 

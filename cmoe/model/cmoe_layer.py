@@ -22,6 +22,10 @@ Design decisions (in brackets: the numbered choices of docs/method.md):
   (`base_router`, loaded by `cmoe.model.moe_base`), else at random.
 - **Single-router baseline**: one shared router (index 0) that every task trains and that grows a
   column per new expert; old experts are still frozen.
+- **Deltas** [5b]: task t may own, per layer, a low-rank change of the base experts
+  (`cmoe.model.expert_delta`), applied only to tokens routed with t; `delta_uses[t]` says whose delta
+  t runs with: its own, the one of the task its router was started from (inherited, owning no
+  parameters), or none. A batch with several tasks dispatches once per task that has a delta.
 - **Probe experts** [2]: one temporary expert per layer, scored by the current router through an
   extra last column. Attaching snapshots the router; dropping restores the snapshot exactly;
   promoting keeps the trained probe and router as the warm start of a real expert [5].
@@ -61,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmoe.model.expert_delta import ExpertDelta
 from cmoe.model.locator import TaskLocator
 
 ROUTER_INIT_STD = 0.02  # HF `initializer_range` default; small so new columns start near uniform
@@ -217,6 +222,10 @@ class CMoELayer(nn.Module):
         self.experts = nn.ModuleList(_frozen_copy(dense) for _ in range(num_experts))
         self.expert_origin: list[str] = [BASE] * num_experts
         self.routers = nn.ParameterList()
+        self.deltas = nn.ModuleList()  # task index -> its own ExpertDelta (empty unless it grew one here)
+        # task index -> the task whose delta it runs with: itself, the earlier task it inherited one
+        # from (no parameters of its own), or None [5b]
+        self.delta_uses: list[int | None] = []
         self.probe: nn.Module | None = None
         self._router_before_probe: torch.Tensor | None = None
         # The MoE stage's trained router over the E0 base experts (None for copies of a dense base):
@@ -242,7 +251,27 @@ class CMoELayer(nn.Module):
             if self.recording:
                 self._record(probs, idx)
         experts = self._active_experts()
-        return dispatch(x, idx, gates, len(experts), run_each(experts)).view(shape)
+        if token_task is None:  # one task in the batch: training, and most evaluation batches
+            return dispatch(x, idx, gates, len(experts), run_each(self._experts_for(tasks[0], experts))).view(shape)
+        if not any(self._delta(t) for t in tasks):
+            return dispatch(x, idx, gates, len(experts), run_each(experts)).view(shape)
+        # A task with a delta runs its experts changed: one dispatch per task in the batch, never per token.
+        out = torch.empty_like(x)
+        for t in tasks:
+            rows = (token_task == t).nonzero().squeeze(1)
+            ys = dispatch(x[rows], idx[rows], gates[rows], len(experts), run_each(self._experts_for(t, experts)))
+            out = out.index_copy(0, rows, ys)
+        return out.view(shape)
+
+    def _delta(self, t: int) -> ExpertDelta | None:
+        """The delta task t runs with in this layer (its own or an inherited one), if any."""
+        u = self.delta_uses[t] if t < len(self.delta_uses) else None
+        return self.deltas[u] if u is not None and self.deltas[u] else None
+
+    def _experts_for(self, t: int, experts: list[nn.Module]) -> list[nn.Module]:
+        """The experts as task t runs them: changed by its delta, if it has one here [5b]."""
+        delta = self._delta(t)
+        return delta.applied(experts) if delta is not None else experts
 
     def _token_tasks(self, batch: int, seq: int, device: torch.device) -> tuple[list[int], torch.Tensor | None]:
         """The task indices present, and each token's task (N,) when there is more than one."""
@@ -310,6 +339,8 @@ class CMoELayer(nn.Module):
         """Add the next task's router over all current experts, warm-started from the last one (or the base router) [8]."""
         self._no_probe("add a router")
         self.routers.append(nn.Parameter(self._router_from(self.routers[-1] if len(self.routers) else None)))
+        self.deltas.append(ExpertDelta())
+        self.delta_uses.append(None)
 
     def restart_router(self, source: int | None) -> None:
         """Re-start the current (newest) router as a copy of router `source` (None: the base router) [8]."""
@@ -342,6 +373,24 @@ class CMoELayer(nn.Module):
         self.expert_origin.append(task)
         self._grow_router()
         return len(self.experts) - 1
+
+    def add_delta(self, rank: int) -> int:
+        """Give the current task its own rank-`rank` change of every base expert here, starting from
+        the delta it inherited when that has this rank (else from no change) [5b]; its parameter count."""
+        self._no_probe("add a delta")
+        if self.single_router:
+            raise ValueError("a single-router model has no per-task delta: its one router serves every task")
+        delta, t = self.deltas[-1], len(self.deltas) - 1
+        delta.grow([x for x, origin in zip(self.experts, self.expert_origin) if origin == BASE], rank,
+                   start=self._delta(t))
+        self.delta_uses[t] = t
+        return sum(p.numel() for p in delta.parameters())
+
+    def inherit_delta(self, source: int | None) -> None:
+        """Let the current task run with the delta task `source` runs with (None: none), owning no parameters."""
+        if self.deltas[-1]:
+            raise RuntimeError(f"CMoE layer {self.layer_index}: the current task already grew its own delta")
+        self.delta_uses[-1] = None if source is None else self.delta_uses[source]
 
     def _grow_router(self) -> None:
         """Give the current (trainable) router a small random column for the newest expert."""
@@ -410,11 +459,21 @@ class CMoELayer(nn.Module):
                 w = nn.Parameter(w.detach()[rows], requires_grad=w.requires_grad)
             routers.append(w)
         self.routers = nn.ParameterList(routers)
+        self._retire_delta(t)
         for e in ours - drop:
             self.experts[e].requires_grad_(False)
         self.experts = nn.ModuleList(x for e, x in enumerate(self.experts) if e not in drop)
         self.expert_origin = [heir if o == task else o for e, o in enumerate(self.expert_origin) if e not in drop]
         self.stats = None  # counts were sized for the experts before
+
+    def _retire_delta(self, t: int) -> None:
+        """Drop task t's delta slot; a delta later tasks inherited goes to the first of them, not away."""
+        users = [u for u, used in enumerate(self.delta_uses) if used == t and u != t]
+        if users and self.deltas[t]:
+            self.deltas[users[0]] = self.deltas[t]
+        uses = [users[0] if used == t and users else None if used == t else used for used in self.delta_uses]
+        del self.deltas[t]
+        self.delta_uses = [None if u is None else u - (u > t) for i, u in enumerate(uses) if i != t]
 
     # ---------------------------------------------------------------- compaction (cmoe.model.compaction)
     def covered_by(self, e: int) -> list[int]:
@@ -583,17 +642,25 @@ def add_task(model: nn.Module, name: str) -> int:
 
 
 def restart_router(model: nn.Module, source: str) -> None:
-    """Start the current task's router, in every CMoE layer, from task `source`'s router (BASE: the base router's)."""
+    """Start the current task, in every CMoE layer, from task `source` (BASE: the base): a copy of its
+    router, and the delta it runs with, inherited [5b, 8]."""
     info = cmoe_info(model)
     if source != BASE and source not in info.tasks[:-1]:
         raise ValueError(f"no earlier task {source!r} to start a router from (tasks: {info.tasks[:-1]})")
     for layer in cmoe_layers(model).values():
         layer.restart_router(None if source == BASE else info.tasks.index(source))
+        layer.inherit_delta(None if source == BASE else info.tasks.index(source))
 
 
 def add_expert(model: nn.Module, layer: int, init: ExpertInit = "copy", source: int = 0) -> int:
     """Give CMoE layer `layer` a new expert owned by the current task; returns the expert's index."""
     return _layer(model, layer).add_expert(cmoe_info(model).current_task, init, source)
+
+
+def add_delta(model: nn.Module, layer: int, rank: int) -> int:
+    """Give the current task a rank-`rank` change of CMoE layer `layer`'s base experts; its parameter count."""
+    cmoe_info(model).current_task  # noqa: B018 - a clear error when no task was started
+    return _layer(model, layer).add_delta(rank)
 
 
 def retirable(model: nn.Module, task: str) -> int:
@@ -655,6 +722,8 @@ def trainable_parameters(model: nn.Module, task: str | None = None) -> list[nn.P
                 params += expert.parameters()
         if layer.probe is not None:
             params += layer.probe.parameters()
+        if not info.single_router:
+            params += layer.deltas[-1].parameters()
         params.append(layer.routers[-1])
     return params
 

@@ -2,7 +2,7 @@
 
 "Active per token" counts everything outside the CMoE layers (vision tower, projector, embeddings,
 attention, norms, lm_head: every token's forward touches them) plus, per CMoE layer, top-k experts
-and the current task's router. Locator VAEs run once per sample, not per token: they count in the
+and the current task's router and delta. Locator VAEs run once per sample, not per token: they count in the
 total and in what their task added, not in the active count.
 """
 
@@ -23,7 +23,7 @@ class ParamCounts:
     dense_base: int  # the base before upcycling: non-MoE + one dense MLP per CMoE layer
     active_per_token: int  # non-MoE + top-k experts + the current router, per CMoE layer
     upcycled: int  # the E0 - 1 extra copies of the dense MLP per CMoE layer
-    added_per_task: dict[str, int]  # experts + router columns (+ locator VAE) each task added
+    added_per_task: dict[str, int]  # experts + router columns (+ delta, locator VAE) each task added
 
 
 def _numel(module: nn.Module) -> int:
@@ -46,7 +46,7 @@ def count_params(model: nn.Module) -> ParamCounts:
             if info.single_router:  # the shared router: created with the first task, a column per expert since
                 added[task] += layer.hidden_size * (n_new + (info.initial_experts if t == 0 else 0))
             else:
-                added[task] += layer.routers[t].numel()
+                added[task] += layer.routers[t].numel() + _numel(layer.deltas[t])
         if task in info.locator.vaes:
             added[task] += _numel(info.locator.vaes[task])
     return ParamCounts(
@@ -54,6 +54,7 @@ def count_params(model: nn.Module) -> ParamCounts:
         dense_base=non_moe + sum(expert.values()),
         active_per_token=non_moe + sum(
             layer.top_k * expert[id(layer)] + (layer.routers[-1].numel() if len(layer.routers) else 0)
+            + (_numel(layer.deltas[-1]) if len(layer.deltas) else 0)
             for layer in layers
         ),
         upcycled=sum((info.initial_experts - 1) * n for n in expert.values()),

@@ -7,6 +7,11 @@ Layout (docs/architecture.md "State format")::
     tasks/<task>/experts.safetensors   experts the task added: layers.<L>.experts.<e>.<param>
     tasks/<task>/router.safetensors    its router per layer: layers.<L>.router  (E_t, d)
     tasks/<task>/locator.safetensors   its PTL VAE, when fitted
+    tasks/<task>/delta.safetensors     its change of the base experts, when it grew one:
+                                       layers.<L>.delta.<e>.<linear>.a (rank, in) | .b (out, rank)
+
+A task that runs with a delta it inherited (owning none) is listed in the manifest's `delta_uses`
+({task: {layer: earlier task}}); a state without the field has no inherited deltas.
 
 Loading = base + conversion with the manifest's MoE config + every task's delta in order, which
 reproduces the saved model exactly (the upcycled experts are copies of the base, so they are not
@@ -37,7 +42,7 @@ from torch import nn
 from cmoe.config import MoEConfig
 from cmoe.files import atomic_dir, file_sha256
 from cmoe.model.base import load_model, weights_sha256
-from cmoe.model.cmoe_layer import BASE, add_expert, add_task, cmoe_info, cmoe_layers
+from cmoe.model.cmoe_layer import BASE, add_delta, add_expert, add_task, cmoe_info, cmoe_layers
 from cmoe.model.locator import TaskVAE
 from cmoe.model.surgery import convert_to_cmoe, dense_base
 
@@ -46,7 +51,7 @@ FORMAT_VERSION = 1
 # recorded the safetensors files alone.
 BASE_HASH_OF, _OLD_BASE_HASH_OF = "weights+config+tokenizer", "weights"
 MANIFEST = "cmoe.json"
-DELTA_KINDS = ("experts", "router", "locator")
+DELTA_KINDS = ("experts", "router", "locator", "delta")
 BaseLoader = Callable[[str], nn.Module]
 
 
@@ -110,10 +115,22 @@ def save_state(
             "task_records": {task: info.task_records.get(task, {}) for task in info.tasks},
             "experts": {str(i): list(layer.expert_origin) for i, layer in layers.items()},
             "compactions": list(info.compactions),  # what each `cmoe compact` retired and merged
+            "delta_uses": inherited_deltas(model),
             "deltas": deltas,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+def inherited_deltas(model: nn.Module) -> dict[str, dict[str, str]]:
+    """{task: {layer: the earlier task whose delta it runs with}} for every task that owns none there."""
+    info, uses = cmoe_info(model), {}
+    for t, task in enumerate(info.tasks):
+        used = {str(i): info.tasks[u] for i, layer in cmoe_layers(model).items()
+                if t < len(layer.delta_uses) and (u := layer.delta_uses[t]) is not None and u != t}
+        if used:
+            uses[task] = used
+    return uses
 
 
 def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, dict]:
@@ -121,6 +138,7 @@ def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, di
     info = cmoe_info(model)
     experts: dict[str, torch.Tensor] = {}
     routers: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
     for i, layer in cmoe_layers(model).items():
         for e, (origin, expert) in enumerate(zip(layer.expert_origin, layer.experts)):
             if origin == task:
@@ -132,7 +150,10 @@ def _write_task(model: nn.Module, root: Path, t: int, task: str) -> dict[str, di
             routers[f"layers.{i}.router"] = layer.routers[0][: sum(o in known for o in layer.expert_origin)]
         else:
             routers[f"layers.{i}.router"] = layer.routers[t]
+            deltas |= {f"layers.{i}.delta.{k}": v for k, v in layer.deltas[t].state_dict().items()}
     tensors = {"experts": experts, "router": routers}
+    if deltas:
+        tensors["delta"] = deltas
     if task in info.locator.vaes:
         tensors["locator"] = info.locator.vaes[task].state_dict()
     folder = root / "tasks" / task
@@ -217,7 +238,7 @@ def read_manifest(root: Path) -> dict:
     for task in manifest["tasks"]:
         kinds = manifest["deltas"].get(task, {})
         if {"experts", "router"} - kinds.keys() or kinds.keys() - set(DELTA_KINDS):
-            raise StateError(f"{file}: task {task!r} needs experts and router deltas (optionally locator), "
+            raise StateError(f"{file}: task {task!r} needs experts and router deltas (optionally locator and delta), "
                              f"has {sorted(kinds)}")
         bad = [kind for kind, entry in kinds.items() if not {"sha256", "tensors"} <= entry.keys()]
         if bad:
@@ -284,6 +305,14 @@ def _apply_task(model: nn.Module, root: Path, t: int, task: str, manifest: dict)
                 raise StateError(f"{folder / 'router.safetensors'}: layers.{i}.router has shape {list(value.shape)}, "
                                  f"the model's experts need {list(router.shape)}")
             router.copy_(value)
+    for i, source in manifest.get("delta_uses", {}).get(task, {}).items():
+        layers = cmoe_layers(model)
+        if source not in manifest["tasks"][:t] or not i.isdigit() or int(i) not in layers:
+            raise StateError(f"{root / MANIFEST}: delta_uses of task {task!r}: layer {i} from {source!r} "
+                             f"is not an earlier task in a CMoE layer (tasks {manifest['tasks'][:t]}, layers {list(layers)})")
+        layers[int(i)].inherit_delta(manifest["tasks"].index(source))
+    if "delta" in manifest["deltas"][task]:
+        _apply_delta(model, folder / "delta.safetensors")
     if "locator" in manifest["deltas"][task]:
         with safe_open(folder / "locator.safetensors", "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -291,6 +320,24 @@ def _apply_task(model: nn.Module, root: Path, t: int, task: str, manifest: dict)
         vae = TaskVAE(n_features, hidden, tensors["enc_out.weight"].shape[0] // 2)
         _load_into(vae, tensors, folder / "locator.safetensors")
         info.locator.add_task(task, vae.requires_grad_(False).eval())
+
+
+def _apply_delta(model: nn.Module, file: Path) -> None:
+    """Give the task just added the delta of `file` in each layer that has one (its rank read off A)."""
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layers = cmoe_layers(model)
+    if unknown := sorted({k.split(".")[1] for k in tensors} - {str(i) for i in layers}):
+        raise StateError(f"{file}: deltas for layers {unknown}, which are not CMoE layers (CMoE layers: {list(layers)})")
+    for i, layer in layers.items():
+        prefix = f"layers.{i}.delta."
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if mine:
+            rank = next((v.shape[0] for k, v in mine.items() if k.endswith(".a") and v.dim() == 2), None)
+            if rank is None:
+                raise StateError(f"{file}: layer {i}'s delta has no (rank, in) A matrix")
+            add_delta(model, i, rank)
+            _load_into(layer.deltas[-1], mine, file)
 
 
 def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], file: Path) -> None:

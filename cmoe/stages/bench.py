@@ -45,7 +45,7 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
     spent: Path | None = None  # the folder of `parent` to delete once the next state is built on it
     history: list[dict[str, float]] = []
     report = None
-    experts, removed, probe_s, expand_s = [], [], 0.0, 0.0
+    experts, deltas, removed, probe_s, expand_s = [], [], [], 0.0, 0.0
     probed = method in ("cmoe", "cmoe-compact")
     for i, bundle in enumerate(bundles):
         step = out / f"{i + 1:02d}-{bundle.name}"
@@ -55,7 +55,9 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
         else:  # naive-expand, single-router: one expert in every CMoE layer, no probe
             plan = naive_plan(cfg, bundle, parent, step / "probe")
         probe_s += time.perf_counter() - t_probe
-        experts.append(sum(plan.plan.values()))
+        grew_delta = plan.growth == "delta"
+        experts.append(0 if grew_delta else sum(plan.plan.values()))
+        deltas.append(len(plan.plan) if grew_delta else 0)
         variant = "single-router" if method == "single-router" else "cmoe"
         kept = keep_task_eval_set(cfg, bundle, str(out / "evalsets"))
         expanded = run_expand(cfg, bundle, parent, plan, step / "expand", eval_set=kept, copy_base=False,
@@ -74,10 +76,10 @@ def run_sequence(cfg: CmoeConfig, method: str, bundles: list[ValidatedBundle], o
             shutil.rmtree(spent)  # keep only the newest state of the lineage on disk
         parent, spent = state, folder
     assert report is not None
-    # Experts each task added (and compaction removed), and PGKE's price: probe wall time as a share
-    # of the expansions'.
+    # Experts and deltas each task added (and compaction removed), and PGKE's price: probe wall time
+    # as a share of the expansions'.
     return _entry(report.matrix, report.locator_acc, report.params_total, report.params_added, t0,
-                  experts_added=experts, experts_removed=removed or None,
+                  experts_added=experts, delta_layers=deltas, experts_removed=removed or None,
                   probe_cost=probe_s / expand_s if probed else None)
 
 
@@ -125,12 +127,14 @@ def run_joint(cfg: CmoeConfig, bundles: list[ValidatedBundle], out: Path) -> dic
 
 def _entry(matrix: list[list[float | None]], locator_acc: float | None, params_total: int,
            params_added: list[int], t0: float, experts_added: list[int] | None = None,
-           experts_removed: list[int] | None = None, probe_cost: float | None = None) -> dict:
+           delta_layers: list[int] | None = None, experts_removed: list[int] | None = None,
+           probe_cost: float | None = None) -> dict:
     return {"acc_matrix": matrix, "avg_acc": metrics.avg_acc(matrix), "mfn": metrics.avg_acc(matrix),
             "bwt": metrics.bwt(matrix),
             "forgetting": metrics.forgetting(matrix), "maa": metrics.maa(matrix), "mft": metrics.mft(matrix),
             "locator_acc": locator_acc, "params_total": params_total, "params_added": params_added,
             "experts_added": experts_added or [0] * len(params_added),
+            "delta_layers": delta_layers or [0] * len(params_added),
             "experts_removed": experts_removed or [0] * len(params_added), "probe_cost": probe_cost,
             "wall_s": time.perf_counter() - t0}
 
@@ -147,7 +151,7 @@ def mean_over_seeds(entries: list[dict]) -> dict:
     def spread(values: list) -> list | None:
         return None if any(v is None for v in values) else [min(values), max(values)]
 
-    per_task = ("params_added", "experts_added", "experts_removed")  # one number per task
+    per_task = ("params_added", "experts_added", "delta_layers", "experts_removed")  # one number per task
     summaries = [k for k in entries[0] if k != "acc_matrix" and k not in per_task]
     rows = zip(*(e["acc_matrix"] for e in entries))
     out = {"acc_matrix": [[mean(list(col)) for col in zip(*row)] for row in rows],
@@ -196,10 +200,10 @@ def results_markdown(results: dict) -> str:
     methods = results["methods"].items()
     summary = TextTable(
         ["method", "Avg (MFN) %", "MFT %", "BWT", "Forgetting", "MAA %", "locator %", "params total", "params added",
-         "experts added", "experts removed", "probe cost", "wall s"],
+         "experts added", "delta layers", "experts removed", "probe cost", "wall s"],
         [[name, *(cell(m[k]) for k in ("avg_acc", "mft", "bwt", "forgetting", "maa", "locator_acc")),
           f"{m['params_total']:,.0f}", f"{sum(m['params_added']):,.0f}", per_task(m["experts_added"]),
-          per_task(m.get("experts_removed")), cell(m["probe_cost"], ".0%"), f"{m['wall_s']:.0f}"]
+          per_task(m.get("delta_layers")), per_task(m.get("experts_removed")), cell(m["probe_cost"], ".0%"), f"{m['wall_s']:.0f}"]
          for name, m in methods])
     final = accuracy_table(["method"], results["tasks"], [Row([name], m["acc_matrix"][-1]) for name, m in methods])
     return (f"Tasks, in order: {', '.join(results['tasks'])}\n\n{summary.markdown()}\n\n"
@@ -207,8 +211,8 @@ def results_markdown(results: dict) -> str:
 
 
 def per_task(counts: list[float] | None) -> str:
-    """Experts per task, "2 / 1.3 / 0" (means over seeds to one decimal); "0" when none were (results
-    written before a count existed: none)."""
+    """Experts (or delta layers) per task, "2 / 1.3 / 0" (means over seeds to one decimal); "0" when
+    none were (results written before a count existed: none)."""
     return " / ".join(f"{round(n, 1):g}" for n in counts) if counts and any(counts) else "0"
 
 

@@ -1,8 +1,9 @@
-"""Expansion: grow the planned experts, train them and task t's router, fit t's locator, save.
+"""Expansion: grow what the plan says, train it and task t's router, fit t's locator, save.
 
-Everything that earlier tasks own stays frozen (and bit-identical); only task t's new experts and
-its router train, with the load-balancing loss on that router. The probes of the PGKE stage are
-the new experts' warm start; layers the plan does not expand still get t's router (trained too).
+Everything that earlier tasks own stays frozen (and bit-identical); only task t's growth (a delta
+of the base experts, or new experts) and its router train, with the load-balancing loss on that
+router. The probes of the PGKE stage are the new experts' warm start, and their router columns
+the router's either way; layers the plan does not expand still get t's router (trained too).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cmoe.config import CmoeConfig
 from cmoe.data.evalsets import EvalSetRef
 from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
-    add_expert, add_task, cmoe_info, drop_probes, load_probe_state, promote_probe, train_all_experts,
+    add_delta, add_expert, add_task, restart_router, cmoe_info, drop_probes, load_probe_state, promote_probe, train_all_experts,
     trainable_parameters,
 )
 from cmoe.model.inference import device_of
@@ -48,9 +49,9 @@ class ExpandResult:
     wall_s: float
 
 
-def expansion_spec(cfg: CmoeConfig, name: str, out_dir: Path) -> TrainSpec:
-    """How the expansion of task `name` trains (resume checkpoints in out_dir/checkpoints)."""
-    return TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=cfg.expand.lr,
+def expansion_spec(cfg: CmoeConfig, name: str, out_dir: Path, lr: float | None = None) -> TrainSpec:
+    """How the expansion of task `name` trains (resume checkpoints in out_dir/checkpoints; lr: expand.lr)."""
+    return TrainSpec(epochs=cfg.expand.epochs, batch_size=cfg.expand.batch_size, lr=lr or cfg.expand.lr,
                      seed=cfg.expand.seed, deepspeed_config=cfg.expand.deepspeed_config,
                      checkpoint_dir=Path(out_dir) / "checkpoints", checkpoint_every=cfg.expand.checkpoint_every,
                      desc=f"expand {name}", log_every=cfg.expand.log_every)
@@ -61,10 +62,18 @@ def expansion_steps(cfg: CmoeConfig, train_rows: int) -> int:
     return total_steps(expansion_spec(cfg, "", Path()), train_rows)
 
 
-def grow(model: torch.nn.Module, probe: ProbeReport) -> int:
-    """Add the planned experts (warm-started from the trained probes when there are any); params added."""
+def grow(model: torch.nn.Module, probe: ProbeReport, delta_rank: int) -> int:
+    """Add the planned deltas or experts (these warm-started from the trained probes when there are any); params added."""
     before = sum(p.numel() for p in model.parameters())
-    if probe.probe_file:
+    if probe.router_start is not None:  # where the probe started the task: the delta it inherits comes too
+        restart_router(model, probe.router_start)
+    if probe.growth == "delta":
+        if probe.probe_file:  # the probes go; the router keeps what it learned beside them
+            load_probe_state(model, load_file(probe.probe_file))
+            drop_probes(model, keep_router=True)
+        for key in probe.plan:
+            add_delta(model, int(key), delta_rank)
+    elif probe.probe_file:
         load_probe_state(model, load_file(probe.probe_file))
         for key, n in probe.plan.items():
             idx = promote_probe(model, int(key))
@@ -140,11 +149,13 @@ def expand_model(
     torch.manual_seed(cfg.expand.seed)
     add_task(model, name)
     record_task(model, bundle, eval_set)
-    added = grow(model, probe) if probe is not None else 0
+    added = grow(model, probe, cfg.expand.delta_rank) if probe is not None else 0
     if variant == "seq-ft":  # the upcycled experts themselves train: their changes live only in memory
         train_all_experts(model)
 
-    spec = expansion_spec(cfg, name, out_dir)
+    # A delta trains at its own rate: from zero, at low rank, 1e-3 is too slow for it (docs/method.md, 5b).
+    delta = probe is not None and probe.growth == "delta" and bool(probe.plan)
+    spec = expansion_spec(cfg, name, out_dir, cfg.expand.delta_lr if delta else None)
     with route(model, None if variant != "cmoe" else [name]):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] if variant == "seq-ft" else trainable_parameters(model)

@@ -1,8 +1,8 @@
-"""PGKE probe: decide *when* task t needs new experts, and *where*, before paying for the expansion.
+"""PGKE probe: decide *when* task t needs to grow, and *where*, before paying for the expansion.
 
 When: task t's new router starts from the earlier router that fits the task best (lowest held-out
-loss) and trains alone over the experts the lineage has, for a few steps; its held-out accuracy is
-what the existing pool can do for the task. Then a temporary probe expert (a trainable copy of the
+loss; the task inherits the delta that router's task runs with) and trains alone over the experts
+the lineage has, for a few steps; its held-out accuracy is what the lineage can do for the task. Then a temporary probe expert (a trainable copy of the
 layer's most-used expert) is attached to every CMoE layer and trained, with the router, for a few
 steps more. If the probes raise the held-out accuracy by less than `probe.min_gain` points and
 lower its answer loss by less than `probe.min_loss_drop` nats, the task is one the pool already
@@ -11,7 +11,8 @@ serves: the plan is empty and the expansion trains its router only.
 Where: on the held-out slice of the same *training* split, each layer is scored by the share of
 tokens whose top-k includes the probe; the layers with score >= tau_l grow, the highest scores
 first, at most `probe.max_layer_share` of the layers and at least `probe.min_layer_share` of them
-(the next-highest scores fill up), and always the best-scoring one.
+(the next-highest scores fill up), and always the best-scoring one. That is where new experts go
+(`expand.growth: experts`); a delta (the default) goes in every layer of a task that grows.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ProbeReport:
     bundle_sha256: str
     tau: float  # threshold of the first CMoE layer (each layer's own is in scores)
     scores: dict[str, dict]  # layer -> {"share", "mass", "tau", "experts"}
-    plan: dict[str, int]  # layer -> experts to add (absent = none)
+    plan: dict[str, int]  # layer -> experts to add, or 1 for a delta (absent = none)
     params_to_add: int
     est_train_s: float  # estimated expansion time from the probe's measured throughput
     report_json: str
@@ -73,6 +74,8 @@ class ProbeReport:
     # The earlier router (a task's, or "base") the new one started from, and the held-out loss each gave.
     router_start: str | None = None
     start_losses: dict[str, float] | None = None
+    # What the plan's layers grow (expand.growth): "experts", or "delta" (a change of the base experts).
+    growth: str = "experts"
 
 
 def threshold(cfg: CmoeConfig, experts_before: int) -> float:
@@ -103,6 +106,13 @@ def expert_size(model: torch.nn.Module) -> int:
     """Parameters of one expert (all experts share the dense MLP's shape)."""
     layer = next(iter(cmoe_layers(model).values()))
     return sum(p.numel() for p in layer.experts[0].parameters())
+
+
+def delta_size(model: torch.nn.Module, layer: int, rank: int) -> int:
+    """Parameters of a rank-`rank` delta of CMoE layer `layer`'s base experts: r (in + out) per linear."""
+    cmoe = cmoe_layers(model)[layer]
+    base = [x for x, origin in zip(cmoe.experts, cmoe.expert_origin) if origin == BASE]
+    return sum(rank * (m.in_features + m.out_features) for x in base for m in x.children() if isinstance(m, torch.nn.Linear))
 
 
 def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, out_dir: Path,
@@ -149,10 +159,15 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
 
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
                   "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
-    # A layer at moe.max_experts_per_layer grows only by the room its compaction made (cmoe.stages.compact).
-    plan = cap_plan(make_plan(cfg, scores, gain, loss_pool - loss_probes), room(cfg, model))
-    per_expert = expert_size(model)
-    params_to_add = sum(plan.values()) * per_expert
+    plan = make_plan(cfg, scores, gain, loss_pool - loss_probes)
+    if cfg.expand.growth == "delta":
+        # A task that grows a delta grows it in every layer: at equal parameters that beat the
+        # probe's layers alone (docs/method.md, 5b). It adds no expert, so no per-layer cap applies.
+        plan = {layer: 1 for layer in scores} if plan else {}
+        params_to_add = sum(delta_size(model, layer, cfg.expand.delta_rank) for layer in plan)
+    else:  # a layer at moe.max_experts_per_layer grows only by the room its compaction made (cmoe.stages.compact)
+        plan = cap_plan(plan, room(cfg, model))
+        params_to_add = sum(plan.values()) * expert_size(model)
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)
     est = n_steps * cfg.expand.batch_size / max(result.samples_per_s, 1e-9)
 
@@ -164,7 +179,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
         scores={str(k): v for k, v in scores.items()}, plan={str(k): v for k, v in plan.items()},
         params_to_add=params_to_add, est_train_s=est, report_json=str(out_dir / "probe.json"),
         chart_png=str(out_dir / "probe.png"), probe_file=str(out_dir / PROBE_FILE),
-        train={**asdict(result), "router_only": asdict(pool)},
+        train={**asdict(result), "router_only": asdict(pool)}, growth=cfg.expand.growth,
     )
     Path(report.report_json).write_text(json.dumps(asdict(report), indent=2))
     plot_scores(report, Path(report.chart_png))

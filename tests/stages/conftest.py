@@ -81,7 +81,8 @@ def make_cfg(base_dir: Path, tmp_path: Path) -> Callable[..., CmoeConfig]:
 
 @dataclass
 class Lineage:
-    """Two tasks learned in order; task 1 grows 2 experts in layer 0, task 2 one in layer 1."""
+    """Two tasks learned in order; task 1 grows 2 experts in layer 0, task 2 one in layer 1 (the
+    experts form of growth; tests/stages/test_expand_delta.py grows deltas)."""
 
     cfg: CmoeConfig
     bundles: list[ValidatedBundle]
@@ -111,7 +112,7 @@ def lineage(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathF
     parent, probes, expands, names = None, [], [], []
     for i, (bundle, plan) in enumerate(zip(suite, PLANS)):
         probe = run_probe(cfg, bundle, parent, root / f"{i}" / "probe")
-        probe = replace(probe, plan=plan, params_to_add=sum(plan.values()) * size)
+        probe = replace(probe, plan=plan, params_to_add=sum(plan.values()) * size, growth="experts")
         kept = keep_eval_set(bundle, str(root / "evalsets"), cache_dir=cfg.home / "cache")
         expanded = run_expand(cfg, bundle, parent, probe, root / f"{i}" / "expand", eval_set=kept)
         probes.append(probe)
