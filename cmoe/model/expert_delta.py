@@ -16,8 +16,8 @@ belongs to keeps its index for the life of the lineage.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 
 class LowRank(nn.Module):
@@ -27,9 +27,6 @@ class LowRank(nn.Module):
         super().__init__()
         self.a = nn.Parameter(torch.randn(rank, linear.in_features, device=linear.weight.device) / linear.in_features ** 0.5)
         self.b = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
-
-    def weight(self) -> torch.Tensor:
-        return self.b @ self.a
 
 
 class ExpertDelta(nn.Module):
@@ -72,15 +69,24 @@ class ExpertDelta(nn.Module):
 
 
 class Changed(nn.Module):
-    """An expert run with its weights plus a delta's change, in fp32 (the change trains in fp32)."""
+    """A gated-MLP expert (`gate_proj`, `up_proj`, `down_proj`, `act_fn`: what CMoE upcycles) run with
+    a delta's changes added, `linear(h) + h A^T B^T`, in fp32 (the change trains in fp32).
+
+    The expert itself is only read, never swapped or written (unlike `torch.func.functional_call`),
+    so threads serving different tasks from one model at once do not see each other's changes.
+    """
 
     def __init__(self, expert: nn.Module, change: nn.ModuleDict) -> None:
         super().__init__()
         self.change = change  # first, so `parameters()` starts with an fp32 tensor: `run_each` feeds it fp32
         self.expert = expert
 
+    def _linear(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        m: nn.Linear = getattr(self.expert, name)
+        y = F.linear(h, m.weight.float(), None if m.bias is None else m.bias.float())
+        low = self.change[name] if name in self.change else None
+        return y if low is None else y + (h @ low.a.t()) @ low.b.t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = {name: p.float() for name, p in self.expert.named_parameters()}
-        for name, low in self.change.items():
-            weights[f"{name}.weight"] = weights[f"{name}.weight"] + low.weight()
-        return functional_call(self.expert, weights, (x.float(),))
+        x = x.float()
+        return self._linear("down_proj", self.expert.act_fn(self._linear("gate_proj", x)) * self._linear("up_proj", x))

@@ -48,13 +48,15 @@ def base_dir(tiny_base: Path) -> Path:
     return tiny_base
 
 
-def tiny_config_file(folder: Path, base: Path, name: str, inbox: str | None = None, **gate: Any) -> str:
-    """Write a tiny YAML config (home folder/home, the shared base, gate overrides); its path."""
+def tiny_config_file(folder: Path, base: Path, name: str, inbox: str | None = None, growth: str = "delta",
+                     **gate: Any) -> str:
+    """Write a tiny YAML config (home folder/home, the shared base, expand.growth, gate overrides); its path."""
     from cmoe.config import tiny_test_config
 
     cfg: CmoeConfig = tiny_test_config(folder / "home")  # its gate approves whatever the stages produce
     cfg.base.path = str(base)
     cfg.inbox = inbox
+    cfg.expand.growth = growth
     cfg.flow.review_poll_s = 1  # a paused run notices the answer within a second
     for field, value in gate.items():
         setattr(cfg.gate, field, value)

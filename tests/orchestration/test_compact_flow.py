@@ -1,5 +1,5 @@
-"""`cmoe compact` through the real flow, on a copy of the watcher's two-task lineage: a candidate with
-fewer experts, decided by the gate; the champion moves only when the gate approves."""
+"""`cmoe compact` through the real flow, on a copy of a two-task lineage that grew experts: a candidate
+with fewer experts, decided by the gate; the champion moves only when the gate approves."""
 
 from __future__ import annotations
 
@@ -24,14 +24,31 @@ def _experts(state: Path) -> int:
     return sum(len(origins) for origins in read_manifest(state)["experts"].values())
 
 
+@pytest.fixture(scope="module")
+def grew_experts(prefect_api: None, suite: list[Path], s3_endpoint: str, base_dir: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The watcher's two tasks learned again, grown as new experts (`expand.growth: experts`, what
+    compaction removes; the default delta adds none); its config."""
+    from cmoe.data.storage import s3_client, upload_bundle
+    from flows.watch import watch_inbox
+
+    s3_client().create_bucket(Bucket="inbox-experts")
+    for bundle in suite:
+        upload_bundle(bundle, f"s3://inbox-experts/new/{bundle.name}/")
+    config = tiny_config_file(tmp_path_factory.mktemp("experts"), base_dir, "auto", inbox="s3://inbox-experts/new/",
+                              growth="experts")
+    assert [o.decision for o in watch_inbox(config)] == ["approved", "approved"]
+    return config
+
+
 def test_a_compaction_is_a_candidate_with_fewer_experts_that_the_gate_decides(
-        watched, base_dir: Path, tmp_path: Path, cli: Callable[..., str]) -> None:  # noqa: ANN001
+        grew_experts: str, base_dir: Path, tmp_path: Path, cli: Callable[..., str]) -> None:
     from cmoe.registry import held_versions
 
-    # a copy of the session's lineage: its own registry, so the watcher's versions stay as they are
-    home = Path(load_config(watched[0]).home)
+    # a copy of that lineage: its own registry, so its versions stay as they are
+    home = Path(load_config(grew_experts).home)
     shutil.copytree(home, tmp_path / "home", ignore=shutil.ignore_patterns("prefect"))
-    strict = tiny_config_file(tmp_path, base_dir, "strict", max_params_added=-10**12)  # removes more than any holds
+    strict = tiny_config_file(tmp_path, base_dir, "strict", growth="experts", max_params_added=-10**12)  # removes more than any holds
     registry = Registry(load_config(strict))
     champion = registry.champion()
     before = _experts(champion.state_dir)
@@ -41,7 +58,7 @@ def test_a_compaction_is_a_candidate_with_fewer_experts_that_the_gate_decides(
     assert registry.champion().version == champion.version
 
     # every task expert counts as unused and any drop is allowed (other compact settings: new work)
-    approving = Path(tiny_config_file(tmp_path, base_dir, "approving"))
+    approving = Path(tiny_config_file(tmp_path, base_dir, "approving", growth="experts"))
     settings = yaml.safe_load(approving.read_text())
     settings["compact"].update(min_use=1.0, max_drop=100.0)
     approving.write_text(yaml.safe_dump(settings))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cmoe.model.state import read_manifest
@@ -31,7 +32,7 @@ N_TEST = 16  # test rows per tiny task: every accuracy is a whole number of them
 #   joint         final row [25.0, 25.0]
 # (cmoe with seed 1 draws an empty plan for task 1 and then learns nothing: 0 %.)
 RUN_KEYS = {"acc_matrix", "avg_acc", "mfn", "bwt", "forgetting", "maa", "mft", "locator_acc", "params_total",
-            "params_added", "experts_added", "experts_removed", "probe_cost", "wall_s"}
+            "params_added", "experts_added", "delta_layers", "experts_removed", "probe_cost", "wall_s"}
 ENTRY_KEYS = RUN_KEYS | {"range", "per_seed"}  # means over seeds, their [min, max], each seed's run
 SEQUENTIAL = ("cmoe", "naive-expand", "single-router", "seq-ft")
 COMPARED = tuple(m for m in METHODS if m != "cmoe-compact")  # cmoe-compact has its own test below
@@ -120,20 +121,29 @@ def test_joint_has_no_sequence_metrics(bench: tuple[Path, dict]) -> None:
     assert joint["acc_matrix"][0] == [None, None]
 
 
-def test_cmoe_grows_what_its_probe_planned_and_naive_expand_one_expert_per_layer(bench: tuple[Path, dict]) -> None:
+def test_cmoe_grows_the_deltas_its_probe_planned_and_naive_expand_one_expert_per_layer(
+        bench: tuple[Path, dict]) -> None:
     out, results = bench
     tasks = results["tasks"]
 
+    def last_state(method: str) -> Path:
+        return sorted((out / "work" / method / "seed-0").glob("*/expand/state"))[-1]
+
     def grown(method: str) -> list[dict[str, int]]:
         """New experts per layer of each task, from the method's last saved state."""
-        state = sorted((out / "work" / method / "seed-0").glob("*/expand/state"))[-1]
-        experts = read_manifest(state)["experts"]
+        experts = read_manifest(last_state(method))["experts"]
         return [{layer: origins.count(task) for layer, origins in experts.items() if task in origins}
                 for task in tasks]
 
+    def delta_layers(task: str) -> set[str]:
+        file = last_state("cmoe") / "tasks" / task / "delta.safetensors"
+        return {name.split(".")[1] for name in load_file(file)} if file.exists() else set()
+
     planned = [json.loads(p.read_text())["plan"]
                for p in sorted((out / "work" / "cmoe" / "seed-0").glob("*/probe/probe.json"))]
-    assert grown("cmoe") == planned and len(planned) == 2
+    assert len(planned) == 2 and grown("cmoe") == [{}, {}]  # the default growth adds no expert
+    assert [delta_layers(task) for task in tasks] == [set(plan) for plan in planned]
+    assert results["methods"]["cmoe"]["delta_layers"] == [len(plan) for plan in planned]
     assert grown("naive-expand") == [{"0": 1, "1": 1}] * 2
 
 
@@ -149,7 +159,7 @@ def test_cmoe_compact_compacts_after_every_task_and_reports_the_experts_it_remov
     make_cfg, uris: list[str], tmp_path: Path,
 ) -> None:
     # Every task expert is a retirement candidate (min_use 1.0) and every step is kept (max_drop 100).
-    cfg = make_cfg(compact={"min_use": 1.0, "max_drop": 100.0})
+    cfg = make_cfg(compact={"min_use": 1.0, "max_drop": 100.0}, expand={"growth": "experts"})
     entry = run_bench(cfg, uris[:1], ["cmoe-compact"], tmp_path / "out")["methods"]["cmoe-compact"]
     assert entry["experts_added"][0] > 0 and entry["experts_removed"] == entry["experts_added"]
     work = tmp_path / "out" / "work" / "cmoe-compact" / "seed-0"

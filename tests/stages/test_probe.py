@@ -103,7 +103,7 @@ def test_default_tau_is_the_uniform_share_with_the_probe_counted(
 def test_the_stage_plans_by_the_configured_threshold(make_cfg, suite: list, tmp_path: Path, tau: float) -> None:
     """Whatever the scores: every share reaches tau 0 (one expert each), none exceeds 1 (then only the
     best-scoring layer grows: the tiny config's gain threshold says the task needs growth)."""
-    cfg = make_cfg(probe={"tau": tau})
+    cfg = make_cfg(probe={"tau": tau}, expand={"growth": "experts"})  # "where" places experts
     report = run_probe(cfg, suite[0], None, tmp_path / "probe")
     best = max(report.scores, key=lambda k: (report.scores[k]["share"], int(k)))  # ties: the later layer
     plan = {"0": 1, "1": 1} if tau == 0.0 else {best: 1}
@@ -113,7 +113,7 @@ def test_the_stage_plans_by_the_configured_threshold(make_cfg, suite: list, tmp_
 
 def test_a_layer_at_the_expert_cap_does_not_grow(make_cfg, suite: list, tmp_path: Path) -> None:
     """tau 0 would grow both layers; at moe.max_experts_per_layer = the 2 upcycled experts neither has room."""
-    cfg = make_cfg(probe={"tau": 0.0}, moe={"max_experts_per_layer": 2})
+    cfg = make_cfg(probe={"tau": 0.0}, moe={"max_experts_per_layer": 2}, expand={"growth": "experts"})
     assert run_probe(cfg, suite[0], None, tmp_path / "probe").plan == {}
 
 
