@@ -3,8 +3,9 @@
 For every version the model builds on: its task and decision, the evaluation set the lineage keeps
 (hash, rows, bytes, where) and the local copies of its training data removed once it was decided.
 Nothing else of a task's data is kept (docs/data-lifecycle.md). Then the experts of every CMoE layer
-after each task and each compaction, with the experts each added, merged and retired, read from the
-version's state manifest alone (cmoe.stages.growth).
+after each task and each compaction, with the experts each added, merged and retired, and the delta
+each task runs with (its own, or one it inherited), read from the version's state manifest alone
+(cmoe.stages.growth).
 """
 
 from __future__ import annotations
@@ -58,12 +59,12 @@ def lineage(
 def growth_table(events: list[GrowthEvent], learned_in: dict[str, str], version: int) -> Table:
     """One row per task learned or compaction: each layer's experts after it (and its change), the totals."""
     layers = list(events[0].experts) if events else []
-    table = Table("version", "after", *(f"layer {layer}" for layer in layers), "added", "merged", "retired",
-                  title=f"experts per CMoE layer across the lineage of v{version}")
+    table = Table("version", "after", *(f"layer {layer}" for layer in layers), "added", "merged", "retired", "delta",
+                  title=f"experts per CMoE layer across the lineage of v{version}, and each task's delta")
     for e in events:
         table.add_row(learned_in.get(e.task, "") if e.kind == "learn" else "", e.label,
                       *(f"{e.experts[layer]}{_change(e, layer)}" for layer in layers),
-                      *(str(sum(d.values())) for d in (e.added, e.merged, e.retired)))
+                      *(str(sum(d.values())) for d in (e.added, e.merged, e.retired)), e.delta)
     return table
 
 

@@ -468,10 +468,10 @@ class CMoELayer(nn.Module):
 
     def _retire_delta(self, t: int) -> None:
         """Drop task t's delta slot; a delta later tasks inherited goes to the first of them, not away."""
-        users = [u for u, used in enumerate(self.delta_uses) if used == t and u != t]
-        if users and self.deltas[t]:
-            self.deltas[users[0]] = self.deltas[t]
-        uses = [users[0] if used == t and users else None if used == t else used for used in self.delta_uses]
+        heir = next((u for u, used in enumerate(self.delta_uses) if used == t and u != t), None)
+        if heir is not None:  # only an owner is inherited from: `inherit_delta` points at the owner
+            self.deltas[heir] = self.deltas[t]
+        uses = [heir if used == t else used for used in self.delta_uses]
         del self.deltas[t]
         self.delta_uses = [None if u is None else u - (u > t) for i, u in enumerate(uses) if i != t]
 

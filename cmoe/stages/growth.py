@@ -29,6 +29,7 @@ class GrowthEvent:
     added: dict[str, int] = field(default_factory=dict)
     merged: dict[str, int] = field(default_factory=dict)  # merges: each takes one expert out of the layer
     retired: dict[str, int] = field(default_factory=dict)
+    delta: str = ""  # a learned task's delta of the base experts: "own", "from <task>" or "" (none)
 
     @property
     def label(self) -> str:
@@ -87,4 +88,11 @@ def manifest_growth(manifest: dict) -> list[GrowthEvent]:
         for origin in origins:
             by[origin] = by.get(origin, 0) + 1
         experts[layer] = by
-    return growth_events(experts, list(manifest["tasks"]), list(manifest.get("compactions", [])))
+    events = growth_events(experts, list(manifest["tasks"]), list(manifest.get("compactions", [])))
+    uses = manifest.get("delta_uses", {})
+    for e in events:
+        if e.kind == "learn" and "delta" in manifest["deltas"].get(e.task, {}):
+            e.delta = "own"
+        elif e.kind == "learn" and e.task in uses:
+            e.delta = "from " + ", ".join(sorted(set(uses[e.task].values())))
+    return events

@@ -37,6 +37,14 @@ def _with_delta(name: str = "b", rank: int = 2) -> torch.nn.Module:
     return model
 
 
+def _c_started_from_b() -> torch.nn.Module:
+    """`_with_delta`'s model, then task c with its router started from b's (so running with b's delta)."""
+    model = _with_delta()
+    add_task(model, "c")
+    restart_router(model, "b")
+    return model
+
+
 def test_a_new_delta_starts_as_no_change() -> None:
     model = cmoe_model()
     add_task(model, "b")
@@ -106,9 +114,7 @@ def test_a_single_router_model_has_no_delta() -> None:
 
 
 def test_a_task_started_from_another_runs_with_its_delta_and_owns_none() -> None:
-    model = _with_delta()
-    add_task(model, "c")
-    restart_router(model, "b")
+    model = _c_started_from_b()
     batch = make_batch(batch=2)
     torch.testing.assert_close(_logits(model, batch, ["c", "c"]), _logits(model, batch, ["b", "b"]), atol=1e-6, rtol=0)
     assert count_params(model).added_per_task["c"] == sum(layer.routers[2].numel() for layer in cmoe_layers(model).values())
@@ -117,9 +123,7 @@ def test_a_task_started_from_another_runs_with_its_delta_and_owns_none() -> None
 
 
 def test_a_task_that_grows_from_an_inherited_delta_starts_from_a_copy_of_it() -> None:
-    model = _with_delta()
-    add_task(model, "c")
-    restart_router(model, "b")
+    model = _c_started_from_b()
     batch = make_batch(batch=2)
     inherited = _logits(model, batch, ["c", "c"])
     for i in cmoe_layers(model):
@@ -131,9 +135,7 @@ def test_a_task_that_grows_from_an_inherited_delta_starts_from_a_copy_of_it() ->
 
 
 def test_an_inherited_delta_is_saved_as_a_reference_and_loads_exactly(tmp_path: Path) -> None:
-    model = _with_delta()
-    add_task(model, "c")
-    restart_router(model, "b")
+    model = _c_started_from_b()
     state = save_state(model, tmp_path / "state", copy_base=True)
     assert not (state / "tasks" / "c" / "delta.safetensors").exists()
     assert read_manifest(state)["delta_uses"] == {"c": {str(i): "b" for i in cmoe_layers(model)}}
@@ -142,9 +144,7 @@ def test_an_inherited_delta_is_saved_as_a_reference_and_loads_exactly(tmp_path: 
 
 
 def test_retiring_a_task_whose_delta_a_later_task_runs_with_hands_the_delta_on() -> None:
-    model = _with_delta()
-    add_task(model, "c")
-    restart_router(model, "b")
+    model = _c_started_from_b()
     batch = make_batch(batch=2)
     before = _logits(model, batch, ["c", "c"])
     retire_task(model, "b", set())

@@ -14,6 +14,7 @@ from cmoe.model.cmoe_layer import BASE, cmoe_layers
 from cmoe.model.state import load_state, read_manifest
 from cmoe.stages.common import open_lineage
 from cmoe.stages.expand import ExpandResult, expand_model, run_expand
+from cmoe.stages.growth import manifest_growth
 from cmoe.stages.probe import ProbeReport, run_probe
 
 from .conftest import stage_config
@@ -65,3 +66,4 @@ def test_a_task_with_an_empty_plan_runs_with_the_delta_it_inherits(first: tuple,
     assert not (state / "tasks" / probe.task / "delta.safetensors").exists()
     assert result.params_added == 0  # the delta it runs with is task 1's
     assert cmoe_layers(load_state(state))[0].delta_uses == [0, 0]
+    assert [e.delta for e in manifest_growth(manifest)] == ["own", f"from {probe1.task}"]  # `cmoe lineage` shows it
