@@ -109,13 +109,18 @@ class ProbeConfig(_Section):
     # task grows if the probes raise the held-out accuracy by `min_gain` points or more, or lower
     # its held-out answer loss by `min_loss_drop` nats per token or more (a hard task learns its
     # answers' loss before their argmax); otherwise it gets its router and locator VAE, and no
-    # expert. min_gain -100 = always grow.
+    # expert. min_gain -100 (with serves_at above 100) = always grow.
     router_steps: int = Field(10, ge=1)
     min_gain: float = Field(5.0, ge=-100.0, le=100.0)
     # 0.15 nats lies between what the probes add to a known task (0.011 on coin-mini's hue-name, 0.103
     # on the tiny suite's re-worded colour task) and to a new skill (0.23-0.27 on count-color, >= 1.9
     # on every other coin-mini task); 0.5 left count-color without experts (docs/method.md, 3).
     min_loss_drop: float = Field(0.15, ge=0.0)
+    # ...unless the router alone already answers `serves_at` % of the held-out rows or more: then the
+    # lineage serves the task, whatever the probes add. Measured on coin-mini: the known task hue-name's
+    # pool answered 95-100 % (in one seed the probes then added exactly min_gain, 6 rows, and it grew),
+    # every new task's 0-42 % (docs/method.md, 3). Above 100 = off.
+    serves_at: float = Field(90.0, ge=0.0)
     steps: int = Field(20, ge=1)  # optimizer steps of probe training (after the router-only steps)
     lr: float = Field(1e-3, gt=0.0)  # 2e-3+ destabilises this tiny model (measured on the base)
     # 16 would halve the probe's cost, but the router-only phase then sees half the rows and the
@@ -420,7 +425,7 @@ def tiny_test_config(home: str | Path, **overrides: object) -> CmoeConfig:
         "moe": {"layers": "all", "initial_experts": 2, "top_k": 1},
         # every layer whose share reaches tau grows, whatever the gain: tests of growth stay about growth
         "probe": {"router_steps": 2, "steps": 3, "batch_size": 16, "holdout_fraction": 0.25, "min_gain": -100.0,
-                  "max_layer_share": 1.0},
+                  "serves_at": 101.0, "max_layer_share": 1.0},
         "expand": {"epochs": 1, "batch_size": 16, "checkpoint_every": 2, "log_every": 1},
         "locator": {"epochs": 3, "hidden": 16, "latent_dim": 4},
         "eval": {"batch_size": 32, "max_new_tokens": 4},

@@ -4,9 +4,10 @@ When: task t's new router starts from the earlier router that fits the task best
 loss; the task inherits the delta that router's task runs with) and trains alone over the experts
 the lineage has, for a few steps; its held-out accuracy is what the lineage can do for the task. Then a temporary probe expert (a trainable copy of the
 layer's most-used expert) is attached to every CMoE layer and trained, with the router, for a few
-steps more. If the probes raise the held-out accuracy by less than `probe.min_gain` points and
-lower its answer loss by less than `probe.min_loss_drop` nats, the task is one the pool already
-serves: the plan is empty and the expansion trains its router only.
+steps more. If the router alone answers `probe.serves_at` % of the held-out rows, or the probes raise
+the held-out accuracy by less than `probe.min_gain` points and lower its answer loss by less than
+`probe.min_loss_drop` nats, the task is one the pool already serves: the plan is empty and the
+expansion trains its router only.
 
 Where: on the held-out slice of the same *training* split, each layer is scored by the share of
 tokens whose top-k includes the probe; the layers with score >= tau_l grow, the highest scores
@@ -84,13 +85,15 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
     return tau * cfg.probe.tau_scale
 
 
-def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0) -> dict[int, int]:
-    """No layer when the probes' accuracy gain (points) is below min_gain and their loss drop (nats)
-    below min_loss_drop: the pool serves the task. Else the layers whose score reaches tau, the
+def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0,
+              acc_pool: float = 0.0) -> dict[int, int]:
+    """No layer when the router alone answers serves_at % of the held-out rows (`acc_pool`), or when the
+    probes' accuracy gain (points) is below min_gain and their loss drop (nats) below min_loss_drop:
+    the pool serves the task. Else the layers whose score reaches tau, the
     highest first, at most max_layer_share of them, and at least min_layer_share of them (and at
     least the best one: the task needs growth somewhere), the next-highest scores filling up; 1
     expert each (2 when >= ratio * tau)."""
-    if gain < cfg.probe.min_gain and loss_drop < cfg.probe.min_loss_drop:
+    if acc_pool >= cfg.probe.serves_at or (gain < cfg.probe.min_gain and loss_drop < cfg.probe.min_loss_drop):
         return {}
     most = max(1, math.floor(cfg.probe.max_layer_share * len(scores)))
     least = min(most, max(1, math.floor(cfg.probe.min_layer_share * len(scores))))
@@ -159,7 +162,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
 
     scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
                   "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
-    plan = make_plan(cfg, scores, gain, loss_pool - loss_probes)
+    plan = make_plan(cfg, scores, gain, loss_pool - loss_probes, acc_pool)
     if cfg.expand.growth == "delta":
         # A task that grows a delta grows it in every layer: at equal parameters that beat the
         # probe's layers alone (docs/method.md, 5b). It adds no expert, so no per-layer cap applies.

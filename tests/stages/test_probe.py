@@ -180,6 +180,12 @@ def test_a_gain_below_min_gain_empties_the_plan_whatever_the_shares(make_cfg) ->
     assert make_plan(cfg, scores(0.9, 0.8), gain=2.0) == {0: 1, 1: 1}
 
 
+def test_a_pool_that_already_answers_serves_at_percent_gets_an_empty_plan_whatever_the_probes_add(make_cfg) -> None:
+    cfg = make_cfg(probe={**ALL_LAYERS, "min_gain": 2.0, "serves_at": 90.0})
+    assert make_plan(cfg, scores(0.9, 0.8), gain=5.0, loss_drop=0.5, acc_pool=90.0) == {}
+    assert make_plan(cfg, scores(0.9, 0.8), gain=5.0, loss_drop=0.5, acc_pool=89.9) == {0: 1, 1: 1}
+
+
 def test_a_large_loss_drop_grows_the_task_even_without_an_accuracy_gain(make_cfg) -> None:
     # a hard task: the probes cut its answer loss long before its greedy answers turn right
     cfg = make_cfg(probe={**ALL_LAYERS, "min_gain": 2.0, "min_loss_drop": 0.5})

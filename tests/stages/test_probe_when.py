@@ -21,7 +21,8 @@ from .conftest import LEARNING, stage_config
 
 pytestmark = pytest.mark.slow  # module fixtures train lineages
 
-WHEN = {"min_gain": ProbeConfig().min_gain, "max_layer_share": 1.0, "router_steps": 20, "steps": 20}
+WHEN = {"min_gain": ProbeConfig().min_gain, "serves_at": ProbeConfig().serves_at, "max_layer_share": 1.0,
+        "router_steps": 20, "steps": 20}
 
 
 @dataclass
