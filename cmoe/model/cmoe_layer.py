@@ -810,6 +810,33 @@ def probe_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def delta_probe_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every layer's current router and the current task's own delta: a delta probe's warm start [5b]."""
+    out = {}
+    for i, layer in cmoe_layers(model).items():
+        if not layer.deltas[-1]:
+            raise RuntimeError(f"CMoE layer {i}: the current task has no delta of its own; call add_delta first")
+        out[f"{i}.router"] = layer.routers[-1].detach().contiguous()
+        out |= {f"{i}.delta.{k}": v.detach().contiguous() for k, v in layer.deltas[-1].state_dict().items()}
+    return out
+
+
+def load_delta_probe_state(model: nn.Module, tensors: dict[str, torch.Tensor], rank: int, with_delta: bool) -> None:
+    """Start the current task where its delta probe ended (`delta_probe_state`): its router, and, with
+    `with_delta`, its own rank-`rank` delta in every layer."""
+    for i, layer in cmoe_layers(model).items():
+        router = tensors.get(f"{i}.router")
+        if router is None or router.shape != layer.routers[-1].shape:
+            got = "missing" if router is None else tuple(router.shape)
+            raise ValueError(f"probe state: layer {i} router is {got}, the model's is {tuple(layer.routers[-1].shape)}")
+        with torch.no_grad():
+            layer.routers[-1].copy_(router)
+        if with_delta:
+            layer.add_delta(rank)
+            prefix = f"{i}.delta."
+            layer.deltas[-1].load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
 def load_probe_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Attach probes as `probe_state` saved them: each layer's trained probe and router, probe column included."""
     layers = cmoe_layers(model)

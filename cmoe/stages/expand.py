@@ -21,8 +21,8 @@ from cmoe.config import CmoeConfig
 from cmoe.data.evalsets import EvalSetRef
 from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
-    add_delta, add_expert, add_task, restart_router, cmoe_info, drop_probes, load_probe_state, promote_probe, train_all_experts,
-    trainable_parameters,
+    add_delta, add_expert, add_task, cmoe_info, drop_probes, load_delta_probe_state, load_probe_state, promote_probe,
+    restart_router, train_all_experts, trainable_parameters,
 )
 from cmoe.model.inference import device_of
 from cmoe.model.locator import drop_tokens, fit_task_vae, image_features, text_features
@@ -67,10 +67,9 @@ def grow(model: torch.nn.Module, probe: ProbeReport, delta_rank: int) -> int:
     before = sum(p.numel() for p in model.parameters())
     if probe.router_start is not None:  # where the probe started the task: the delta it inherits comes too
         restart_router(model, probe.router_start)
-    if probe.growth == "delta":
-        if probe.probe_file:  # the probes go; the router keeps what it learned beside them
-            load_probe_state(model, load_file(probe.probe_file))
-            drop_probes(model, keep_router=True)
+    if probe.growth == "delta" and probe.probe_file:  # the probe's delta and router are the warm start
+        load_delta_probe_state(model, load_file(probe.probe_file), delta_rank, with_delta=bool(probe.plan))
+    elif probe.growth == "delta":
         for key in probe.plan:
             add_delta(model, int(key), delta_rank)
     elif probe.probe_file:

@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from cmoe.config import CmoeConfig
 from cmoe.data.validate import ValidatedBundle
 from cmoe.model.cmoe_layer import (
-    BASE, add_task, attach_probes, cmoe_info, cmoe_layers, probe_scores, probe_state, record_routing, restart_router,
-    trainable_parameters,
+    BASE, add_delta, add_task, attach_probes, cmoe_info, cmoe_layers, delta_probe_state, probe_scores, probe_state,
+    record_routing, restart_router, trainable_parameters,
 )
 from cmoe.model.inference import decode, device_of
 from cmoe.model.processor import IGNORE, Encoded
@@ -85,6 +85,12 @@ def threshold(cfg: CmoeConfig, experts_before: int) -> float:
     return tau * cfg.probe.tau_scale
 
 
+def needs_growth(cfg: CmoeConfig, gain: float, loss_drop: float, acc_pool: float) -> bool:
+    """*When*: the pool does not serve the task (its router alone answers under serves_at % of the
+    held-out rows) and the probes help, by min_gain points or min_loss_drop nats."""
+    return acc_pool < cfg.probe.serves_at and (gain >= cfg.probe.min_gain or loss_drop >= cfg.probe.min_loss_drop)
+
+
 def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: float = 0.0,
               acc_pool: float = 0.0) -> dict[int, int]:
     """No layer when the router alone answers serves_at % of the held-out rows (`acc_pool`), or when the
@@ -93,7 +99,7 @@ def make_plan(cfg: CmoeConfig, scores: dict[int, dict], gain: float, loss_drop: 
     highest first, at most max_layer_share of them, and at least min_layer_share of them (and at
     least the best one: the task needs growth somewhere), the next-highest scores filling up; 1
     expert each (2 when >= ratio * tau)."""
-    if acc_pool >= cfg.probe.serves_at or (gain < cfg.probe.min_gain and loss_drop < cfg.probe.min_loss_drop):
+    if not needs_growth(cfg, gain, loss_drop, acc_pool):
         return {}
     most = max(1, math.floor(cfg.probe.max_layer_share * len(scores)))
     least = min(most, max(1, math.floor(cfg.probe.min_layer_share * len(scores))))
@@ -136,9 +142,9 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
 
     start, start_losses = start_router(model, processor, held, cfg.eval.batch_size)
 
-    def phase(steps: int, what: str) -> tuple[TrainResult, float, float]:
+    def phase(steps: int, what: str, lr: float) -> tuple[TrainResult, float, float]:
         """Train what is trainable now for `steps`; (training, held-out loss, held-out accuracy)."""
-        spec = TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=cfg.probe.lr, seed=cfg.expand.seed,
+        spec = TrainSpec(steps=steps, batch_size=cfg.probe.batch_size, lr=lr, seed=cfg.expand.seed,
                          deepspeed_config=cfg.expand.deepspeed_config, desc=f"{what} {name}",
                          log_every=cfg.expand.log_every)
         log = None if on_log is None else (
@@ -150,31 +156,40 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
             loss = heldout_loss(model, processor, held, cfg.eval.batch_size)
         return trained, loss, heldout_accuracy(model, processor, data, held_idx, cfg)
 
+    delta = cfg.expand.growth == "delta"
     with route(model, [name]):
         # When, part 1: what the existing pool does for this task with a trained router.
-        pool, loss_pool, acc_pool = phase(cfg.probe.router_steps, "probe router")
-        attach_probes(model)  # copies of the expert each layer's trained router leaned on most
+        pool, loss_pool, acc_pool = phase(cfg.probe.router_steps, "probe router", cfg.probe.lr)
+        if delta:  # the growth itself, briefly: the task's own delta in every layer, at its own rate
+            for i in cmoe_layers(model):
+                add_delta(model, i, cfg.expand.delta_rank)
+        else:
+            attach_probes(model)  # copies of the expert each layer's trained router leaned on most
 
         # When, part 2, and where: the probes train beside the router; how much do they help, where?
-        result, loss_probes, acc_probes = phase(cfg.probe.steps, "probe")
-    raw = probe_scores(model)  # the probes' shares, counted in phase 2's held-out loss pass
+        result, loss_probes, acc_probes = phase(cfg.probe.steps, "probe", cfg.expand.delta_lr if delta else cfg.probe.lr)
     gain = acc_probes - acc_pool
 
-    scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
-                  "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
-    plan = make_plan(cfg, scores, gain, loss_pool - loss_probes, acc_pool)
-    if cfg.expand.growth == "delta":
-        # A task that grows a delta grows it in every layer: at equal parameters that beat the
-        # probe's layers alone (docs/method.md, 5b). It adds no expert, so no per-layer cap applies.
-        plan = {layer: 1 for layer in scores} if plan else {}
+    if delta:
+        # A delta goes in every layer: at equal parameters that beat the probe's layers alone
+        # (docs/method.md, 5b); there is no probe expert to score, and no expert to cap.
+        scores = {i: {"share": None, "mass": None, "experts": len(layer.experts), "tokens": None,
+                      "tau": threshold(cfg, len(layer.experts))} for i, layer in cmoe_layers(model).items()}
+        grows = needs_growth(cfg, gain, loss_pool - loss_probes, acc_pool)
+        plan = {layer: 1 for layer in scores} if grows else {}
         params_to_add = sum(delta_size(model, layer, cfg.expand.delta_rank) for layer in plan)
-    else:  # a layer at moe.max_experts_per_layer grows only by the room its compaction made (cmoe.stages.compact)
-        plan = cap_plan(plan, room(cfg, model))
+        save_file(delta_probe_state(model), str(out_dir / PROBE_FILE))
+    else:
+        raw = probe_scores(model)  # the probes' shares, counted in phase 2's held-out loss pass
+        scores = {i: {"share": s.share, "mass": s.mass, "experts": s.num_experts, "tokens": s.tokens,
+                      "tau": threshold(cfg, s.num_experts)} for i, s in raw.items()}
+        # a layer at moe.max_experts_per_layer grows only by the room its compaction made (cmoe.stages.compact)
+        plan = cap_plan(make_plan(cfg, scores, gain, loss_pool - loss_probes, acc_pool), room(cfg, model))
         params_to_add = sum(plan.values()) * expert_size(model)
+        save_file(probe_state(model), str(out_dir / PROBE_FILE))
     n_steps = cfg.expand.epochs * math.ceil(len(data.encoded) / cfg.expand.batch_size)
     est = n_steps * cfg.expand.batch_size / max(result.samples_per_s, 1e-9)
 
-    save_file(probe_state(model), str(out_dir / PROBE_FILE))
     report = ProbeReport(
         task=name, bundle_sha256=bundle.sha256, tau=scores[min(scores)]["tau"],
         acc_pool=acc_pool, acc_probes=acc_probes, gain=gain, loss_pool=loss_pool, loss_probes=loss_probes,
@@ -230,24 +245,32 @@ def heldout_loss(model: torch.nn.Module, processor, examples: list, batch_size: 
 
 
 def plot_scores(report: ProbeReport, path: Path) -> None:
-    """Bar chart of per-layer probe share against each layer's threshold."""
+    """Bar chart of per-layer probe share against each layer's threshold; for a delta probe (no share),
+    the held-out accuracy of the router alone and with the probe."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     layers = list(report.scores)
-    shares = [report.scores[k]["share"] for k in layers]
-    taus = [report.scores[k]["tau"] for k in layers]
     fig, ax = plt.subplots(figsize=(max(4, len(layers) * 0.8), 3))
-    colors = ["tab:orange" if k in report.plan else "tab:gray" for k in layers]
-    ax.bar(layers, shares, color=colors)
-    ax.scatter(layers, taus, marker="_", s=400, color="black", label="tau")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("probe share of top-k")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{report.task}: expand {', '.join(report.plan) or 'none'}")
-    ax.legend(loc="upper right")
+    if report.growth == "delta":
+        ax.bar(["router alone", "with the delta"], [report.acc_pool or 0.0, report.acc_probes or 0.0],
+               color=["tab:gray", "tab:orange" if report.plan else "tab:gray"])
+        ax.set_ylabel("held-out accuracy %")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{report.task}: {'a delta in every layer' if report.plan else 'grows nothing'}")
+    else:
+        shares = [report.scores[k]["share"] for k in layers]
+        taus = [report.scores[k]["tau"] for k in layers]
+        colors = ["tab:orange" if k in report.plan else "tab:gray" for k in layers]
+        ax.bar(layers, shares, color=colors)
+        ax.scatter(layers, taus, marker="_", s=400, color="black", label="tau")
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("probe share of top-k")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{report.task}: expand {', '.join(report.plan) or 'none'}")
+        ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -107,12 +107,12 @@ def lineage(suite: list[str], base_dir: Path, tmp_path_factory: pytest.TempPathF
     from cmoe.stages.common import open_lineage
 
     root = tmp_path_factory.mktemp("lineage")
-    cfg = stage_config(root / "home", base_dir)
+    cfg = stage_config(root / "home", base_dir, expand={"growth": "experts"})
     size = expert_size(open_lineage(cfg, None)[0])
     parent, probes, expands, names = None, [], [], []
     for i, (bundle, plan) in enumerate(zip(suite, PLANS)):
         probe = run_probe(cfg, bundle, parent, root / f"{i}" / "probe")
-        probe = replace(probe, plan=plan, params_to_add=sum(plan.values()) * size, growth="experts")
+        probe = replace(probe, plan=plan, params_to_add=sum(plan.values()) * size)
         kept = keep_eval_set(bundle, str(root / "evalsets"), cache_dir=cfg.home / "cache")
         expanded = run_expand(cfg, bundle, parent, probe, root / f"{i}" / "expand", eval_set=kept)
         probes.append(probe)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cmoe.model.cmoe_layer import BASE, cmoe_layers
 from cmoe.model.state import load_state, read_manifest
@@ -39,6 +40,14 @@ def test_a_growing_task_adds_its_delta_in_every_layer_and_no_expert(first: tuple
     assert all(set(origins) == {BASE} for origins in manifest["experts"].values())
     assert (state / "tasks" / probe.task / "delta.safetensors").is_file()
     assert expanded.params_added == probe.params_to_add > 0  # the router came with the task, not the plan
+
+
+def test_the_probe_trains_the_delta_itself_and_hands_it_to_the_expansion(first: tuple) -> None:
+    _, probe, _ = first
+    warm = load_file(probe.probe_file)
+    assert all(s["share"] is None for s in probe.scores.values())  # no probe expert to score
+    assert {k.split(".")[1] for k in warm} == {"router", "delta"} and not any(".probe." in k for k in warm)
+    assert sum(v.numel() for k, v in warm.items() if ".delta." in k) == probe.params_to_add
 
 
 def test_training_a_later_task_leaves_the_earlier_delta_bit_identical(

@@ -62,11 +62,12 @@ def count_probe_routing() -> Iterator[Routed]:
 def probe_run(
     suite: list, base_dir: Path, tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[CmoeConfig, ProbeReport, Routed]:
-    """Task 1 probed on the freshly upcycled base with the default threshold, its scoring pass counted."""
+    """Task 1 probed with probe experts (`expand.growth: experts`) on the freshly upcycled base with the
+    default threshold, its scoring pass counted (tests/stages/test_expand_delta.py probes a delta)."""
     from .conftest import stage_config
 
     root = tmp_path_factory.mktemp("probe")
-    cfg = stage_config(root / "home", base_dir)
+    cfg = stage_config(root / "home", base_dir, expand={"growth": "experts"})
     with count_probe_routing() as routed:
         report = run_probe(cfg, suite[0], None, root / "out")
     return cfg, report, routed
