@@ -102,10 +102,11 @@ class MoEConfig(_Section):
 
 
 class ProbeConfig(_Section):
-    """PGKE: a short probe run that decides *when* a task needs new experts, and in which layers."""
+    """PGKE: a short probe run that decides *when* a task must grow, and in which layers its experts go."""
 
     # When: the new task's router first trains alone over the existing experts for `router_steps`
-    # (what the pool can do), then with a probe expert in every CMoE layer for `steps` more. The
+    # (what the pool can do), then for `steps` more with its own delta in every CMoE layer (at
+    # expand.delta_lr; expand.growth "delta") or with a probe expert in every CMoE layer ("experts"). The
     # task grows if the probes raise the held-out accuracy by `min_gain` points or more, or lower
     # its held-out answer loss by `min_loss_drop` nats per token or more (a hard task learns its
     # answers' loss before their argmax); otherwise it gets its router and locator VAE, and no
@@ -186,18 +187,19 @@ class TuneConfig(_Section):
 
 
 class ExpandConfig(_Section):
-    """Training of the new experts and the task router (DeepSpeed)."""
+    """Training of the task's growth (a delta or new experts) and its router (DeepSpeed)."""
 
-    # ~300 steps per coin-mini task. 16 lifts cmoe's Avg 1.6 points on coin-mini and joint's 1.7, for
-    # twice the time: not the gap to joint (docs/method.md, 7).
+    # ~300 steps per coin-mini task. 16 lifted cmoe's Avg 1.6 points on coin-mini (new experts) and
+    # joint's 1.7, for twice the time (docs/method.md, 7).
     epochs: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(32, ge=1)
-    # What a task that grows adds in each layer its probe picked (docs/method.md, 5b). "delta": a
-    # rank-`delta_rank` change W + BA of every base expert there, applied to that task's tokens only
-    # and trained with its router at `delta_lr` (on read-letter, at the parameters of two experts,
-    # 1e-3 gave 59.5 %, 2e-3 to 5e-3 69.5-68.5 %, 1e-2 diverged; two new experts 50.5 %). "experts":
-    # the paper's new experts, warm-started from the trained probes, trained at `lr` (3e-3 lost 3 points).
+    # What a task that grows adds (docs/method.md, 5b). "delta": in every CMoE layer, a rank-`delta_rank`
+    # change W + BA of every base expert, applied to that task's tokens only, inherited by the tasks
+    # started from it, and trained (its probe phase too) with the task's router at `delta_lr`: on
+    # read-letter, at the parameters of two experts, 1e-3 gave 59.5 %, 2e-3 to 5e-3 69.5-68.5 %, 1e-2
+    # diverged; two new experts 50.5 %. "experts": the paper's new experts in the layers the probe
+    # picks, warm-started from the probe experts, trained at `lr` (3e-3 lost 3 points).
     growth: Literal["delta", "experts"] = "delta"
     delta_rank: int = Field(8, ge=1)
     delta_lr: float = Field(3e-3, gt=0.0)
