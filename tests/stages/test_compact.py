@@ -113,10 +113,10 @@ def test_cmoe_lineage_lists_the_experts_each_task_added_and_a_compaction_retired
     assert result.exit_code == 0, result.output
     first, second = lineage.names
     rows = {line.split("│")[2].strip(): [c.strip() for c in line.split("│")[3:-1]]
-            for line in result.stdout.splitlines() if line.count("│") == 8}  # version, after, 2 layers, 3 totals
-    # layer 0, layer 1, added, merged, retired
-    assert rows[first] == ["4 (+2)", "2", "2", "0", "0"] and rows[second] == ["4", "3 (+1)", "1", "0", "0"]
-    assert rows[f"compact after {second}"] == ["2 (2 retired)", "2 (1 retired)", "0", "0", "3"]
+            for line in result.stdout.splitlines() if line.count("│") == 9}  # version, after, 2 layers, 3 totals, delta
+    # layer 0, layer 1, added, merged, retired, delta (none: this lineage grew experts)
+    assert rows[first] == ["4 (+2)", "2", "2", "0", "0", ""] and rows[second] == ["4", "3 (+1)", "1", "0", "0", ""]
+    assert rows[f"compact after {second}"] == ["2 (2 retired)", "2 (1 retired)", "0", "0", "3", ""]
 
 
 def test_cli_compact_of_a_state_prints_each_tasks_accuracy_and_writes_every_step(lineage: Lineage,
