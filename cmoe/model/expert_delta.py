@@ -1,8 +1,7 @@
 """A task's low-rank change to the base experts of one CMoE layer: the `delta` form of growth.
 
 A task that needs new knowledge can grow, instead of new experts, a rank-r change `W + B A` of
-every linear of every upcycled base expert in the layers its probe picked (docs/method.md,
-choice 5b). The change belongs to the task like its router: it is applied only to the tokens
+every linear of every upcycled base expert, in every CMoE layer (docs/method.md, choice 5b). The change belongs to the task like its router: it is applied only to the tokens
 routed with that task, every other task runs the experts unchanged, so nothing an earlier task
 learned moves. Knowledge still passes on: a task inherits the delta of the earlier task its router
 starts from (docs/method.md, choice 8), runs with it at no cost when its probe finds nothing to add,

@@ -2,9 +2,10 @@
 
 When: task t's new router starts from the earlier router that fits the task best (lowest held-out
 loss; the task inherits the delta that router's task runs with) and trains alone over the experts
-the lineage has, for a few steps; its held-out accuracy is what the lineage can do for the task. Then a temporary probe expert (a trainable copy of the
-layer's most-used expert) is attached to every CMoE layer and trained, with the router, for a few
-steps more. If the router alone answers `probe.serves_at` % of the held-out rows, or the probes raise
+the lineage has, for a few steps; its held-out accuracy is what the lineage can do for the task.
+Then the task's own delta (growth "delta") or a temporary probe expert, a trainable copy of the
+layer's most-used expert ("experts"), is added to every CMoE layer and trained, with the router,
+for a few steps more. If the router alone answers `probe.serves_at` % of the held-out rows, or the probes raise
 the held-out accuracy by less than `probe.min_gain` points and lower its answer loss by less than
 `probe.min_loss_drop` nats, the task is one the pool already serves: the plan is empty and the
 expansion trains its router only.
@@ -117,13 +118,6 @@ def expert_size(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in layer.experts[0].parameters())
 
 
-def delta_size(model: torch.nn.Module, layer: int, rank: int) -> int:
-    """Parameters of a rank-`rank` delta of CMoE layer `layer`'s base experts: r (in + out) per linear."""
-    cmoe = cmoe_layers(model)[layer]
-    base = [x for x, origin in zip(cmoe.experts, cmoe.expert_origin) if origin == BASE]
-    return sum(rank * (m.in_features + m.out_features) for x in base for m in x.children() if isinstance(m, torch.nn.Linear))
-
-
 def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | None, out_dir: Path,
               on_log: Callable[[int, dict], None] | None = None) -> ProbeReport:
     """Train probes on task `bundle` over the lineage at `parent_state`; write report, chart, probes.
@@ -161,8 +155,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
         # When, part 1: what the existing pool does for this task with a trained router.
         pool, loss_pool, acc_pool = phase(cfg.probe.router_steps, "probe router", cfg.probe.lr)
         if delta:  # the growth itself, briefly: the task's own delta in every layer, at its own rate
-            for i in cmoe_layers(model):
-                add_delta(model, i, cfg.expand.delta_rank)
+            delta_params = sum(add_delta(model, i, cfg.expand.delta_rank) for i in cmoe_layers(model))
         else:
             attach_probes(model)  # copies of the expert each layer's trained router leaned on most
 
@@ -177,7 +170,7 @@ def run_probe(cfg: CmoeConfig, bundle: ValidatedBundle, parent_state: Path | Non
                       "tau": threshold(cfg, len(layer.experts))} for i, layer in cmoe_layers(model).items()}
         grows = needs_growth(cfg, gain, loss_pool - loss_probes, acc_pool)
         plan = {layer: 1 for layer in scores} if grows else {}
-        params_to_add = sum(delta_size(model, layer, cfg.expand.delta_rank) for layer in plan)
+        params_to_add = delta_params if grows else 0
         save_file(delta_probe_state(model), str(out_dir / PROBE_FILE))
     else:
         raw = probe_scores(model)  # the probes' shares, counted in phase 2's held-out loss pass
